@@ -1,0 +1,118 @@
+"""Settings as dataclasses: the model's shape, the engine's limits, the server's knobs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a GPT-2 model, named as in Hugging Face's config.json."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    eos_token_id: int = 50256
+    bos_token_id: int = 50256
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a config.json dict; raises ValueError when it is not GPT-2."""
+        model_type = d.get("model_type")
+        archs = d.get("architectures") or []
+        if model_type not in (None, "gpt2") or (archs and not any("GPT2" in a for a in archs)):
+            raise ValueError(
+                f"not a GPT-2 checkpoint: model_type={model_type!r}, architectures={archs!r}"
+            )
+        act = d.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation_function {act!r}; GPT-2 uses gelu_new")
+        if d.get("reorder_and_upcast_attn"):
+            raise ValueError("reorder_and_upcast_attn=True is not supported")
+        try:
+            cfg = cls(
+                vocab_size=int(d["vocab_size"]),
+                n_positions=int(d.get("n_positions", d.get("n_ctx", 1024))),
+                n_embd=int(d["n_embd"]),
+                n_layer=int(d["n_layer"]),
+                n_head=int(d["n_head"]),
+                n_inner=d.get("n_inner"),
+                layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+                eos_token_id=int(d.get("eos_token_id") if d.get("eos_token_id") is not None else 50256),
+                bos_token_id=int(d.get("bos_token_id") if d.get("bos_token_id") is not None else 50256),
+                scale_attn_weights=bool(d.get("scale_attn_weights", True)),
+                scale_attn_by_inverse_layer_idx=bool(d.get("scale_attn_by_inverse_layer_idx", False)),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the GPT-2 field {e.args[0]!r}") from None
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+        return cfg
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(d)
+
+    def num_parameters(self) -> int:
+        """Exact parameter count with the LM head tied to wte."""
+        c, m = self.n_embd, self.mlp_dim
+        per_layer = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c)
+        return self.vocab_size * c + self.n_positions * c + self.n_layer * per_layer + 2 * c
+
+
+@dataclass
+class EngineConfig:
+    """Limits and placement of one engine replica."""
+
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: derived (see engine)
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # defaults to the model's n_positions
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    enforce_eager: bool = False
+    data_parallel_size: int = 1
+
+
+@dataclass
+class ServerConfig:
+    """HTTP-facing settings."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    max_queued_requests: int = 256
+    cors_allow_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_messages: int = 256
+    max_tokens_limit: int = 4096
+    max_n: int = 16
+    max_top_logprobs: int = 20
+    max_stop_strings: int = 8
+    max_stop_length: int = 256

@@ -1,0 +1,157 @@
+"""Attention backends: how a step's queries see the keys and values of their sequences.
+
+- `DenseAttention`: a simple contiguous KV cache for B equal-length sequences. Used by
+  parity tests and by the inspect view, which can also ask it for the attention weights.
+- `PagedAttention`: reads and writes K/V through block tables in the engine's paged pool.
+
+Why this paged backend is the fast one on a CPU: the model's matmuls dominate a step,
+and PyTorch's scaled_dot_product_attention runs fused kernels. Prefill without a cached
+past attends over the chunk's own K/V (no gather at all); decode gathers each sequence's
+blocks once per layer into a (B, S, H, D) view and runs one batched SDPA under a length
+mask. A Python loop over sequences happens only for prefill chunks, of which a step has few.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+class DenseAttention:
+    """Contiguous per-layer K/V for a (B, T) batch; call repeatedly to decode incrementally.
+
+    Tokens arrive flat, (B*t, H, D), ordered batch-major. With `record=True` it keeps each
+    layer's attention weights of the last call, (B, H, t, T_total).
+    """
+
+    def __init__(self, batch_size: int, record: bool = False):
+        self.batch_size = batch_size
+        self.record = record
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.weights: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        b = self.batch_size
+        n, h, d = q.shape
+        t = n // b
+        q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in (q, k, v))  # (B, H, t, D)
+        if layer in self.k:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        total = k.shape[2]
+        past = total - t
+        # query i (absolute position past+i) may see keys 0..past+i
+        mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        if self.record:
+            scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            self.weights[layer] = probs
+            y = (probs.to(v.dtype) @ v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return y.transpose(1, 2).reshape(n, h, d)
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.k.values())).shape[2] if self.k else 0
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's chunk of new tokens inside the flat batch."""
+
+    start: int  # first row of the chunk in the flat batch
+    end: int  # one past the last row
+    context_len: int  # tokens of this sequence in the cache after this step (past + chunk)
+    block_table: torch.Tensor  # (num_blocks,) long, on the pool's device
+
+
+@dataclass
+class PagedMetadata:
+    """Where this step's tokens go in the pool and what they attend to.
+
+    The flat batch holds `num_decode` decode tokens first (one per sequence), then the
+    prefill chunks in `prefills`.
+    """
+
+    slot_mapping: torch.Tensor  # (N,) long: block_id * block_size + offset for each new token
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) long, padded with 0
+    decode_context_lens: torch.Tensor | None = None  # (B,) long, tokens to attend incl. the new one
+    decode_max_blocks: int = 0  # blocks to gather (covers the longest decode context)
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+class KVPool:
+    """The engine's one KV allocation: (layers, 2, blocks, block_size, heads, head_dim)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_heads, head_dim,
+                              dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class PagedAttention:
+    """Attention over the paged pool for one step, given that step's metadata."""
+
+    def __init__(self, pool: KVPool, meta: PagedMetadata):
+        self.pool = pool
+        self.meta = meta
+
+    def __call__(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        meta, bs = self.meta, self.pool.block_size
+        k_cache, v_cache = self.pool.kv[layer]  # (blocks, bs, H, D) each
+        h, d = q.shape[1], q.shape[2]
+        k_cache.view(-1, h, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, h, d).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decode
+        if nd:
+            out[:nd] = self._decode(k_cache, v_cache, q[:nd], scale)
+        for span in meta.prefills:
+            qs = q[span.start:span.end]  # (t, H, D)
+            t = qs.shape[0]
+            if span.context_len == t:  # no past: attend within the chunk
+                ks, vs = k[span.start:span.end], v[span.start:span.end]
+            else:
+                nblocks = -(-span.context_len // bs)
+                table = span.block_table[:nblocks]
+                ks = k_cache[table].view(-1, h, d)[:span.context_len]
+                vs = v_cache[table].view(-1, h, d)[:span.context_len]
+            y = self._causal(qs, ks, vs, scale)
+            out[span.start:span.end] = y
+        return out
+
+    def _decode(self, k_cache, v_cache, q, scale):
+        meta = self.meta
+        b, h, d = q.shape
+        tables = meta.decode_block_tables[:, :meta.decode_max_blocks]  # (B, M)
+        ks = k_cache[tables].view(b, -1, h, d).transpose(1, 2)  # (B, H, S, D)
+        vs = v_cache[tables].view(b, -1, h, d).transpose(1, 2)
+        s = ks.shape[2]
+        mask = torch.arange(s, device=q.device)[None, :] < meta.decode_context_lens[:, None]  # (B, S)
+        y = F.scaled_dot_product_attention(
+            q.unsqueeze(2), ks, vs, attn_mask=mask[:, None, None, :], scale=scale
+        )  # (B, H, 1, D)
+        return y.squeeze(2)
+
+    @staticmethod
+    def _causal(q, k, v, scale):
+        t, total = q.shape[0], k.shape[0]
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (H, *, D)
+        if t == total:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(diagonal=total - t)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return y.transpose(0, 1)
