@@ -1,0 +1,78 @@
+"""What the engine hands back to its callers: per-step deltas, and the errors it raises."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # the caller went away
+    ERROR = "error"  # the engine failed this request
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # alternatives, most likely first
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of one choice (of n) since the last RequestOutput."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Logprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    choices: list[ChoiceDelta]  # only choices with news this step
+    finished: bool  # every choice has finished
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[Logprob | None] | None = None  # first output only, when asked
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    num_preemptions: int
+    prompt_tokens: int  # counters since start
+    generation_tokens: int
+
+
+class EngineError(Exception):
+    """Base of the engine's errors."""
+
+
+class PromptTooLongError(EngineError, ValueError):
+    """The prompt plus max_tokens can't fit the context or the KV pool."""
+
+    def __init__(self, message: str, limit: int):
+        super().__init__(message)
+        self.limit = limit
+
+
+class RequestFailedError(EngineError):
+    """Processing this one request failed; the engine goes on serving the others."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(f"request {request_id} failed: {message}")
+        self.request_id = request_id
+
+
+class EngineDeadError(EngineError):
+    """The step loop stopped; no request can be served."""
