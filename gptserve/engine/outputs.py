@@ -39,6 +39,7 @@ class RequestOutput:
     finished: bool  # every choice has finished
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[Logprob | None] | None = None  # first output only, when asked
+    error: str | None = None  # set when the engine failed this request (finished is True)
 
 
 @dataclass
@@ -64,6 +65,10 @@ class PromptTooLongError(EngineError, ValueError):
     def __init__(self, message: str, limit: int):
         super().__init__(message)
         self.limit = limit
+
+
+class InvalidPromptError(EngineError, ValueError):
+    """The prompt itself is unusable (empty, or token ids outside the vocabulary)."""
 
 
 class RequestFailedError(EngineError):

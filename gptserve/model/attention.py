@@ -86,13 +86,17 @@ class PagedMetadata:
 
 
 class KVPool:
-    """The engine's one KV allocation: (layers, 2, blocks, block_size, heads, head_dim)."""
+    """The engine's one KV allocation: (layers, 2, blocks + 1, block_size, heads, head_dim).
+
+    The extra last block is scratch space that no sequence owns (padding rows write there).
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_heads, head_dim,
+        self.scratch_block = num_blocks
+        self.kv = torch.zeros(num_layers, 2, num_blocks + 1, block_size, num_heads, head_dim,
                               dtype=dtype, device=device)
 
     @staticmethod

@@ -1,0 +1,78 @@
+"""Decode steps as captured CUDA graphs, one per padded batch size.
+
+A decode step is many small kernels; on a GPU the launch overhead dominates at small
+batches. Each graph reads static input buffers (ids, positions, slots, block tables,
+context lengths), so a step copies its inputs in and replays. Padding rows write their
+K/V to a scratch block that no sequence owns and attend to one token of it.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata
+from gptserve.model.gpt2 import GPT2
+
+log = logging.getLogger(__name__)
+
+
+class DecodeGraphs:
+    def __init__(self, model: GPT2, pool: KVPool, max_blocks: int, batch_sizes: tuple[int, ...]):
+        self.model = model
+        self.pool = pool
+        self.max_blocks = max_blocks
+        self.sizes = sorted(batch_sizes)
+        dev = model.device
+        n = self.sizes[-1]
+        self.scratch_slot = pool.scratch_block * pool.block_size
+        self.inputs = {
+            "input_ids": torch.zeros(n, dtype=torch.long, device=dev),
+            "positions": torch.zeros(n, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((n,), self.scratch_slot, dtype=torch.long, device=dev),
+            "block_tables": torch.full((n, max_blocks), pool.scratch_block, dtype=torch.long, device=dev),
+            "context_lens": torch.ones(n, dtype=torch.long, device=dev),
+        }
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture()
+
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.sizes[-1]
+
+    def _forward(self, b: int) -> torch.Tensor:
+        x = self.inputs
+        meta = PagedMetadata(slot_mapping=x["slot_mapping"][:b], num_decode=b,
+                             decode_block_tables=x["block_tables"][:b],
+                             decode_context_lens=x["context_lens"][:b], decode_max_blocks=self.max_blocks)
+        return self.model(x["input_ids"][:b], x["positions"][:b], PagedAttention(self.pool, meta))
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool_handle = None
+        for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                self._forward(b)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool_handle):
+                self.outputs[b] = self._forward(b)
+            pool_handle = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = inputs["input_ids"].shape[0]
+        padded = self.sizes[bisect.bisect_left(self.sizes, b)]
+        x = self.inputs
+        x["slot_mapping"].fill_(self.scratch_slot)
+        x["block_tables"].fill_(self.pool.scratch_block)
+        x["context_lens"].fill_(1)
+        for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
+            x[name][:b].copy_(inputs[name], non_blocking=True)
+        tables = inputs["block_tables"]
+        x["block_tables"][:b, :tables.shape[1]].copy_(tables, non_blocking=True)
+        self.graphs[padded].replay()
+        return self.outputs[padded][:b]

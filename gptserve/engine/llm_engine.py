@@ -1,0 +1,246 @@
+"""The step loop: admit requests, schedule, run the model once, turn tokens into deltas.
+
+Synchronous and single-threaded by design; `AsyncEngine` drives it from a thread.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from gptserve.config import EngineConfig, ModelConfig
+from gptserve.engine.block_manager import BlockManager
+from gptserve.engine.detokenizer import StreamDetokenizer
+from gptserve.engine.model_runner import ModelRunner
+from gptserve.engine.outputs import (ChoiceDelta, EngineStats, FinishReason, InvalidPromptError,
+                                     PromptTooLongError, RequestOutput)
+from gptserve.engine.placement import kv_cache_bytes, resolve_device, resolve_dtype
+from gptserve.engine.sampler import Sampler
+from gptserve.engine.sampling_params import SamplingParams
+from gptserve.engine.scheduler import Scheduler
+from gptserve.engine.sequence import Sequence
+from gptserve.model.attention import KVPool
+from gptserve.model.gpt2 import GPT2
+from gptserve.model.tokenizer import Tokenizer
+from gptserve.weights.loader import load_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    parked: list[Sequence] = field(default_factory=list)  # n > 1 siblings, admitted after the prompt is cached
+    sent_first: bool = False
+
+
+class LLMEngine:
+    def __init__(self, model: str | None, config: EngineConfig | None = None,
+                 loaded: tuple[GPT2, Tokenizer] | None = None):
+        self.config = config = config or EngineConfig()
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if loaded is None:
+            path = resolve_model_path(model)
+            self.tokenizer = Tokenizer.from_folder(path)
+            self.model = load_model(path, self.device, self.dtype)
+        else:
+            self.model, self.tokenizer = loaded
+        self.model_config: ModelConfig = self.model.config
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.n_positions, mc.n_positions)
+        weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        per_block = KVPool.bytes_per_block(mc.n_layer, config.block_size, mc.n_head, mc.head_dim, self.dtype)
+        budget = kv_cache_bytes(self.device, config.kv_cache_memory, config.gpu_memory_utilization,
+                                weights_bytes)
+        num_blocks = max(1, budget // per_block - 1)  # one more block is the pool's scratch block
+        self.pool = KVPool(mc.n_layer, num_blocks, config.block_size, mc.n_head, mc.head_dim,
+                           self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        sampler = Sampler(mc.vocab_size, self.device, config.seed)
+        graph_sizes = () if config.enforce_eager else tuple(
+            b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.pool, sampler, self.max_model_len, graph_sizes)
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        # test hook: called with each sequence that receives a token; an exception fails its request
+        self.fault_hook: Callable[[Sequence], None] | None = None
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
+                 model or "default model", self.device, str(self.dtype).removeprefix("torch."),
+                 num_blocks, config.block_size, num_blocks * per_block / 2**20, self.max_model_len)
+
+    # ---- requests --------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise a clear error for a request that can never be served."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidPromptError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidPromptError(f"prompt token ids must be in [0, {vocab})")
+        limit = self.max_model_len
+        wanted = n + (params.max_tokens or 1)
+        if wanted > limit:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {limit} tokens, but the request asks for "
+                f"{wanted} ({n} in the prompt and {params.max_tokens or 1} to generate); "
+                "shorten the prompt or lower max_tokens", limit)
+        bm = self.block_manager
+        total = n + (params.max_tokens or limit - n)
+        if bm.blocks_needed(total) > bm.num_blocks:
+            cap = bm.num_blocks * bm.block_size
+            raise PromptTooLongError(
+                f"the request needs {total} tokens of KV cache, more than the whole pool holds "
+                f"({cap} tokens); raise --kv-cache-memory or shorten the request", cap)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_token_ids, params)
+        tok = self.tokenizer
+        seqs = [Sequence(request_id, i, prompt_token_ids, params,
+                         StreamDetokenizer(tok, params.stop, params.include_stop_str_in_output))
+                for i in range(params.n)]
+        req = Request(request_id, list(prompt_token_ids), params, seqs, parked=seqs[1:])
+        self.requests[request_id] = req
+        self.scheduler.add(seqs[0])
+        self.prompt_tokens += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        choices = []
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                choices.append(ChoiceDelta(seq.index, "", [], finish_reason=FinishReason.ABORT))
+        return RequestOutput(request_id, req.prompt_token_ids, choices, finished=True)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        try:
+            sampled, out = self.runner.run(batch)
+        except Exception as e:  # noqa: BLE001 - a failed forward fails its batch, not the engine
+            log.exception("model step failed; failing the %d requests in it", batch.num_tokens)
+            reqs = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
+            return [self._fail(rid, f"model step failed: {e!r}") for rid in reqs]
+        for seq in batch.decodes:
+            seq.num_computed_tokens += 1
+        for seq, n in batch.prefills:
+            seq.num_computed_tokens += n
+        for seq in batch.decodes:
+            self.block_manager.commit_computed(seq)
+        for seq, _ in batch.prefills:
+            self.block_manager.commit_computed(seq)
+        touched: dict[str, Request] = {}
+        failed: list[RequestOutput] = []
+        for seq, token, logprob in zip(sampled, out.token_ids, out.logprobs):
+            req = self.requests.get(seq.request_id)
+            if req is None or seq.is_finished:
+                continue
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(seq)
+                self._append_token(seq, token, logprob)
+            except Exception as e:  # noqa: BLE001 - one request's failure stays its own
+                log.exception("request %s failed", seq.request_id)
+                failed.append(self._fail(seq.request_id, repr(e)))
+                touched.pop(seq.request_id, None)
+                continue
+            touched[seq.request_id] = req
+            if seq.index == 0 and req.parked:  # the prompt is cached now: siblings share it
+                for sib in req.parked:
+                    self.scheduler.waiting.appendleft(sib)
+                req.parked = []
+        return failed + [self._output(req) for req in touched.values()]
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+        seq.token_ids.append(token)
+        seq.new_token_ids.append(token)
+        self.generation_tokens += 1
+        if logprob is not None:
+            seq.new_logprobs.append(logprob)
+        p = seq.params
+        if token == self.tokenizer.eos_token_id and not p.ignore_eos:
+            return self._finish(seq, FinishReason.STOP, None)
+        if token in p.stop_token_ids:
+            return self._finish(seq, FinishReason.STOP, token)
+        text, stop = seq.detokenizer.push(token)
+        seq.new_text += text
+        if stop is not None:
+            return self._finish(seq, FinishReason.STOP, stop, flush=False)
+        max_out = p.max_tokens or self.max_model_len - seq.num_prompt_tokens
+        if seq.num_output_tokens >= max_out or len(seq) >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH, None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason, flush: bool = True) -> None:
+        if flush:
+            seq.new_text += seq.detokenizer.flush()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _fail(self, request_id: str, message: str) -> RequestOutput:
+        self.abort(request_id)
+        return RequestOutput(request_id, [], [], finished=True, error=message)
+
+    def _output(self, req: Request) -> RequestOutput:
+        choices = []
+        for seq in req.seqs:
+            ids, text, logprobs = seq.take_news()
+            newly_finished = seq.is_finished and not seq.finish_sent
+            if ids or text or newly_finished:
+                choices.append(ChoiceDelta(
+                    seq.index, text, ids, logprobs if seq.params.logprobs is not None else None,
+                    seq.finish_reason, seq.stop_reason))
+                seq.finish_sent = seq.is_finished
+        finished = all(s.is_finished for s in req.seqs)
+        out = RequestOutput(req.request_id, req.prompt_token_ids, choices, finished,
+                            num_cached_tokens=req.seqs[0].num_cached_tokens)
+        if not req.sent_first:
+            req.sent_first = True
+            out.prompt_logprobs = req.seqs[0].prompt_logprobs
+        if finished:
+            del self.requests[req.request_id]
+        return out
+
+    # ---- introspection -------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm, sch = self.block_manager, self.scheduler
+        return EngineStats(
+            num_running=len(sch.running), num_waiting=len(sch.waiting),
+            kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
+            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
+            num_preemptions=sch.num_preemptions, prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens)
+
+    # ---- offline use -----------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[list[list[int]]]:
+        """Run prompts to completion; return each request's choices' output token ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{i}-{id(prompts)}" for i in range(len(prompts))]
+        results: dict[str, list[list[int]]] = {}
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+            results[rid] = [[] for _ in range(p.n)]
+        while self.has_unfinished():
+            for out in self.step():
+                if out.error:
+                    raise RuntimeError(out.error)
+                for c in out.choices:
+                    results[out.request_id][c.index].extend(c.token_ids)
+        return [results[r] for r in ids]

@@ -1,0 +1,117 @@
+"""Turn a scheduled batch into tensors, run the model once, and sample.
+
+The flat batch holds the decode tokens first (one per sequence), then each prefill
+chunk. Only rows whose next token is due are projected to the vocabulary: every decode
+row, and the last row of a chunk that completes its sequence's prompt.
+On CUDA, decode-only steps replay a CUDA graph captured for the padded batch size.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gptserve.engine.cuda_graphs import DecodeGraphs
+from gptserve.engine.outputs import Logprob
+from gptserve.engine.sampler import Sampler, SamplerOutput
+from gptserve.engine.scheduler import ScheduledBatch
+from gptserve.engine.sequence import Sequence
+from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata, PrefillSpan
+from gptserve.model.gpt2 import GPT2
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: GPT2, pool: KVPool, sampler: Sampler, max_model_len: int,
+                 graph_batch_sizes: tuple[int, ...] = ()):
+        self.model = model
+        self.pool = pool
+        self.sampler = sampler
+        self.device = model.device
+        self.block_size = pool.block_size
+        self.max_blocks = -(-max_model_len // pool.block_size)
+        self.graphs = None
+        if self.device.type == "cuda" and graph_batch_sizes:
+            self.graphs = DecodeGraphs(model, pool, self.max_blocks, graph_batch_sizes)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput]:
+        """Run one step; return the sequences that get a token, and their tokens."""
+        if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
+            hidden = self.graphs.run(self._decode_inputs(batch.decodes))
+            rows = list(range(len(batch.decodes)))
+            sampled = list(batch.decodes)
+        else:
+            hidden, rows, sampled = self._run_eager(batch)
+        logits = self.model.logits(hidden[rows])  # (S, V)
+        return sampled, self.sampler(logits, sampled)
+
+    def _decode_inputs(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+        bs = self.block_size
+        positions = [len(s) - 1 for s in seqs]
+        tables = torch.zeros(len(seqs), max(len(s.block_table) for s in seqs), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = torch.tensor(s.block_table)
+        return {
+            "input_ids": torch.tensor([s.token_ids[-1] for s in seqs]),
+            "positions": torch.tensor(positions),
+            "slot_mapping": torch.tensor([s.block_table[p // bs] * bs + p % bs
+                                          for s, p in zip(seqs, positions)]),
+            "block_tables": tables,
+            "context_lens": torch.tensor([len(s) for s in seqs]),
+        }
+
+    def _run_eager(self, batch: ScheduledBatch):
+        dev, bs = self.device, self.block_size
+        ids, pos, slots = [], [], []
+        meta = PagedMetadata(slot_mapping=None)  # filled below
+        rows: list[int] = []
+        sampled: list[Sequence] = []
+        if batch.decodes:
+            d = self._decode_inputs(batch.decodes)
+            ids.append(d["input_ids"]), pos.append(d["positions"]), slots.append(d["slot_mapping"])
+            meta.num_decode = len(batch.decodes)
+            meta.decode_block_tables = d["block_tables"].to(dev, non_blocking=True)
+            meta.decode_context_lens = d["context_lens"].to(dev, non_blocking=True)
+            meta.decode_max_blocks = d["block_tables"].shape[1]
+            rows.extend(range(len(batch.decodes)))
+            sampled.extend(batch.decodes)
+        start = len(batch.decodes)
+        logprob_spans: list[tuple[Sequence, int, int]] = []
+        for seq, n in batch.prefills:
+            first = seq.num_computed_tokens
+            p = torch.arange(first, first + n)
+            table = torch.tensor(seq.block_table)
+            ids.append(torch.tensor(seq.token_ids[first:first + n]))
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            meta.prefills.append(PrefillSpan(start, start + n, first + n, table.to(dev, non_blocking=True)))
+            if seq.prompt_logprobs is not None and first < seq.num_prompt_tokens:
+                logprob_spans.append((seq, start, n))
+            if first + n == len(seq):  # the chunk completes the sequence: its next token is due
+                rows.append(start + n - 1)
+                sampled.append(seq)
+            start += n
+        meta.slot_mapping = torch.cat(slots).to(dev, non_blocking=True)
+        input_ids = torch.cat(ids).to(dev, non_blocking=True)
+        positions = torch.cat(pos).to(dev, non_blocking=True)
+        hidden = self.model(input_ids, positions, PagedAttention(self.pool, meta))
+        for seq, s, n in logprob_spans:
+            self._prompt_logprobs(seq, hidden[s:s + n], input_ids[s:s + n])
+        return hidden, rows, sampled
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, chunk_ids: torch.Tensor) -> None:
+        """Logprob of each prompt token given what precedes it (completions' echo + logprobs)."""
+        first = seq.num_computed_tokens
+        targets = seq.token_ids[first + 1:min(first + len(chunk_ids) + 1, seq.num_prompt_tokens)]
+        if not targets:
+            return
+        lp = torch.log_softmax(self.model.logits(hidden[:len(targets)]).float(), dim=-1)
+        k = seq.params.logprobs or 0
+        tgt = torch.tensor(targets, device=lp.device)
+        chosen = lp.gather(1, tgt[:, None]).squeeze(1).tolist()
+        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+        for i, t in enumerate(targets):
+            top = list(zip(top_ids[i].tolist(), top_vals[i].tolist())) if k else []
+            seq.prompt_logprobs.append(Logprob(t, chosen[i], top))

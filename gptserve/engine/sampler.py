@@ -1,0 +1,134 @@
+"""Turn a batch of logits into next tokens, each row under its own sampling settings.
+
+Everything is one tensor operation over the batch; the only per-row Python is for rows
+with their own seed, which draw their noise from their own generator so that the same
+seed gives the same tokens whoever shares the batch. Sampling uses the exponential race
+(argmax of p / E with E ~ Exp(1)), which equals drawing from p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptserve.engine.outputs import Logprob
+from gptserve.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Logprob | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits[:, :self.vocab_size].float()  # (B, V)
+        params = [s.params for s in seqs]
+        raw_logprobs = None
+        if any(p.logprobs is not None for p in params):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, seqs)
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        if bool(greedy.all()):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.where(greedy, logits.argmax(dim=-1), self._sample(logits, seqs))
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, params))
+
+    # ---- logits processing -------------------------------------------------------------
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        if any(p.logit_bias for p in params):
+            rows, cols, vals = [], [], []
+            for i, p in enumerate(params):
+                for tok, bias in p.logit_bias.items():
+                    if 0 <= tok < self.vocab_size:
+                        rows.append(i), cols.append(tok), vals.append(bias)
+            logits = logits.index_put((torch.tensor(rows), torch.tensor(cols)),
+                                      torch.tensor(vals, device=logits.device), accumulate=True)
+        needs_counts = any(p.presence_penalty or p.frequency_penalty for p in params)
+        needs_rep = any(p.repetition_penalty != 1.0 for p in params)
+        if not (needs_counts or needs_rep):
+            return logits
+        b, v = logits.shape
+        dev = logits.device
+        if needs_counts:
+            counts = torch.zeros(b, v + 1, device=dev)  # the extra column absorbs padding
+            out = _pad([s.output_token_ids for s in seqs], v, dev)
+            counts = counts.scatter_add_(1, out, torch.ones_like(out, dtype=counts.dtype))[:, :v]
+            pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+            freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+            logits = logits - freq * counts - pres * (counts > 0).float()
+        if needs_rep:  # HF/CTRL style over prompt and output tokens
+            seen = torch.zeros(b, v + 1, dtype=torch.bool, device=dev)
+            seen = seen.scatter_(1, _pad([s.token_ids for s in seqs], v, dev), True)[:, :v]
+            rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+            penalised = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalised, logits)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        dev = logits.device
+        temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
+        logits = logits / temp
+        top_k = torch.tensor([p.top_k for p in params], device=dev)
+        if bool((top_k > 0).any()):
+            k = torch.where(top_k > 0, top_k, 1).clamp(max=self.vocab_size)
+            kmax = int(k.max())
+            kth = logits.topk(kmax, dim=-1).values.gather(1, (k.clamp(max=kmax) - 1)[:, None])
+            kth = torch.where((top_k > 0)[:, None], kth, float("-inf"))
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        if bool((top_p < 1.0).any()):
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly better tokens
+            drop_sorted = before >= top_p[:, None]
+            drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        min_p = torch.tensor([p.min_p for p in params], device=dev)
+        if bool((min_p > 0).any()):
+            floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+            probs = probs.masked_fill(probs < floor, 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:  # its own stream, independent of the batch
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(dev)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor | None, tokens: list[int], params) -> list[Logprob | None]:
+        if raw is None:
+            return [None] * len(tokens)
+        k = max(p.logprobs or 0 for p in params)
+        chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1).tolist()
+        top_vals, top_ids = (raw.topk(k, dim=-1) if k else (None, None))
+        top_vals = top_vals.tolist() if k else None
+        top_ids = top_ids.tolist() if k else None
+        out: list[Logprob | None] = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            n = p.logprobs
+            top = list(zip(top_ids[i][:n], top_vals[i][:n])) if n else []
+            out.append(Logprob(tokens[i], chosen[i], top))
+        return out
+
+
+def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """Ragged token lists as a (B, max_len) tensor padded with `pad`."""
+    width = max((len(r) for r in rows), default=0) or 1
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, :len(r)] = torch.tensor(r)
+    return out.to(device)

@@ -1,0 +1,99 @@
+"""Who runs this step: decodes first, then prefill chunks, under a token budget.
+
+Every step: each running sequence that is decoding gets one token; sequences still
+prefilling get a chunk; then waiting sequences are admitted, oldest first, while they
+fit in free KV blocks, the token budget and max_num_seqs. When a decode has no room to
+grow, the newest running sequence is preempted: its blocks are freed and it goes back
+to the front of the queue, to be recomputed later.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from gptserve.engine.block_manager import BlockManager
+from gptserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, chunk length)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+        # 1. running sequences: decode tokens first, preempting the newest when out of blocks
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or seq.is_prefill:
+                continue
+            while not bm.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                bm.append_slots(seq)
+                batch.decodes.append(seq)
+                budget -= 1
+        # 2. running sequences part-way through their prefill
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.is_prefill:
+                n = min(seq.num_uncomputed_tokens, budget)
+                batch.prefills.append((seq, n))
+                budget -= n
+        # 3. admit waiting sequences while they fit
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            batch.prefills.append((seq, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence, wherever it is."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.block_manager.free_seq(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,76 @@
+"""A sequence's state: its tokens, how many have K/V in the cache, its blocks, its output."""
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+import torch
+
+from gptserve.engine.detokenizer import StreamDetokenizer
+from gptserve.engine.outputs import FinishReason, Logprob
+from gptserve.engine.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()  # no blocks; queued for (re)admission
+    RUNNING = auto()  # owns blocks; prefilling or decoding
+    FINISHED = auto()
+
+
+class Sequence:
+    """One choice of one request. A request with n > 1 has n sibling sequences."""
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, detokenizer: StreamDetokenizer):
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index  # choice index within the request
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.block_table: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None
+        self.finish_sent = False  # the finish reason has gone out in a delta
+        self.detokenizer = detokenizer
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed + index)
+        # news since the last output was sent
+        self.new_token_ids: list[int] = []
+        self.new_text = ""
+        self.new_logprobs: list[Logprob] = []
+        self.prompt_logprobs: list[Logprob | None] | None = [None] if params.prompt_logprobs else None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def take_news(self) -> tuple[list[int], str, list[Logprob]]:
+        news = self.new_token_ids, self.new_text, self.new_logprobs
+        self.new_token_ids, self.new_text, self.new_logprobs = [], "", []
+        return news
