@@ -1,0 +1,175 @@
+"""`gptserve serve | generate | info | bench`: the command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+
+from gptserve.config import EngineConfig, ServerConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="model folder (Hugging Face layout) or Hub id such as gpt2, gpt2-medium, "
+                        "distilgpt2; default: the bundled model")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto: "
+                                                 "float32 on the CPU, bfloat16/float16 on a GPU)")
+
+
+def _serving_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="bytes for the paged KV cache, e.g. 2GiB (default: 2GiB on the CPU, "
+                        "--gpu-memory-utilization of free GPU memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most sequences in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one step (decodes + prefill chunks)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas, one per GPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    from gptserve.engine.placement import parse_bytes
+
+    cfg = EngineConfig(device=args.device, dtype=args.dtype)
+    if hasattr(args, "max_num_seqs"):
+        cfg.kv_cache_memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+        cfg.gpu_memory_utilization = args.gpu_memory_utilization
+        cfg.block_size = args.block_size
+        cfg.max_num_seqs = args.max_num_seqs
+        cfg.max_num_batched_tokens = args.max_num_batched_tokens
+        cfg.max_model_len = args.max_model_len
+        cfg.enable_prefix_caching = not args.no_prefix_caching
+        cfg.enforce_eager = args.enforce_eager
+        cfg.data_parallel_size = args.data_parallel_size
+        cfg.seed = args.seed
+    return cfg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptserve.engine.llm_engine import LLMEngine
+    from gptserve.engine.sampling_params import SamplingParams
+
+    cfg = engine_config(args)
+    cfg.enforce_eager = True
+    cfg.kv_cache_memory = 256 * 2**20
+    engine = LLMEngine(args.model, cfg)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    ids = engine.tokenizer.encode(args.prompt)
+    engine.add_request(uuid.uuid4().hex, ids, params)
+    sys.stdout.write(args.prompt)
+    while engine.has_unfinished():
+        for out in engine.step():
+            for choice in out.choices:
+                sys.stdout.write(choice.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptserve.engine.placement import resolve_device, resolve_dtype
+    from gptserve.weights.loader import read_config, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    cfg = read_config(path)
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    n = cfg.num_parameters()
+    estimate = 12 * cfg.n_embd**2 * cfg.n_layer
+    size = torch.empty((), dtype=dtype).element_size()
+    kv_per_token = 2 * cfg.n_layer * cfg.n_embd * size
+    print(f"model:            {args.model or 'bundled default'} ({path})")
+    for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "mlp_dim", "head_dim"):
+        print(f"{field + ':':<18}{getattr(cfg, field)}")
+    print(f"parameters:       {n:,} ({n / 1e6:.1f}M)")
+    print(f"12*d^2*L:         {estimate:,} ({estimate / 1e6:.1f}M; blocks only, without embeddings)")
+    print(f"embeddings:       {(cfg.vocab_size + cfg.n_positions) * cfg.n_embd:,}")
+    print(f"weights memory:   {n * size / 2**20:.1f} MiB in {str(dtype).removeprefix('torch.')}")
+    print(f"KV cache/token:   {kv_per_token / 1024:.1f} KiB; a full context: "
+          f"{kv_per_token * cfg.n_positions / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gptserve.server.serve import run_server
+
+    server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          served_model_name=args.served_model_name, chat_template=args.chat_template,
+                          max_queued_requests=args.max_queued_requests,
+                          cors_allow_origins=args.cors_allow_origin or [])
+    run_server(args.model, engine_config(args), server)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptserve",
+        description="An OpenAI-compatible inference server for GPT-2-family models.")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING (default: INFO for serve, WARNING otherwise)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           description="Serve /v1/chat/completions, /v1/completions and friends.")
+    _engine_args(serve)
+    _serving_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send")
+    serve.add_argument("--chat-template", default=None, help="a Jinja chat template file")
+    serve.add_argument("--max-queued-requests", type=int, default=ServerConfig().max_queued_requests,
+                       help="requests in flight before new ones get 429")
+    serve.add_argument("--cors-allow-origin", action="append", default=None,
+                       help="allow this origin (repeatable); CORS is off by default")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="complete a prompt on the command line",
+                         description="Print the prompt's continuation as it is generated.")
+    gen.add_argument("prompt")
+    _engine_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="show a model's shape, size and memory needs")
+    _engine_args(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gptserve.engine.outputs import EngineError
+    from gptserve.engine.placement import PlacementError
+    from gptserve.engine.sampling_params import InvalidSamplingParams
+    from gptserve.model.tokenizer import TokenizerError
+    from gptserve.weights.loader import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, TokenizerError, PlacementError, InvalidSamplingParams, EngineError) as e:
+        print(f"gptserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
