@@ -1,0 +1,99 @@
+"""`build_app(engine, server_config)`: the FastAPI app around one engine.
+
+The lifespan starts and stops the engine; the API key is a dependency of the API
+router; bodies over `max_body_bytes` are refused with 413 before anyone parses them;
+CORS is off unless origins are configured.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gptserve.config import ServerConfig
+from gptserve.server import routes
+from gptserve.server.chat_template import ChatTemplate
+from gptserve.server.errors import AuthenticationError, RequestTooLargeError, error_response, install_error_handlers
+from gptserve.server.metrics import ServerMetrics
+from gptserve.server.serving import ServingContext
+from gptserve.server.serving_chat import ServingChat
+from gptserve.server.serving_completion import ServingCompletion
+
+if TYPE_CHECKING:
+    from gptserve.engine.async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+
+def require_api_key(request: Request) -> None:
+    """`Authorization: Bearer <key>` when the server has a key; the key is never logged."""
+    expected = request.app.state.serving.config.api_key
+    if not expected:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise AuthenticationError("Incorrect API key provided.")
+
+
+class BodySizeLimit:
+    """Answers 413 to a body larger than `max_bytes`, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"The request body is larger than this server's limit of {self.max_bytes} bytes.")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(self._too_large())(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # a chunked body with no length declared
+                raise StarletteHTTPException(413, self._too_large().message)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def build_app(engine: "AsyncEngine", server_config: ServerConfig | None = None) -> FastAPI:
+    config = server_config or ServerConfig()
+    eos = engine.tokenizer.token_str(engine.tokenizer.eos_token_id)
+    ctx = ServingContext(engine, config, ServerMetrics(engine), ChatTemplate.load(config.chat_template, eos, eos))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        log.info("serving %s (context %d tokens)", ctx.served_model_name, ctx.max_model_len)
+        try:
+            yield
+        finally:
+            await ctx.stop_engine()
+
+    app = FastAPI(title="gptserve", summary="OpenAI-compatible GPT-2 server", lifespan=lifespan)
+    app.state.serving = ctx
+    app.state.chat = ServingChat(ctx)
+    app.state.completion = ServingCompletion(ctx)
+    install_error_handlers(app)
+    app.include_router(routes.public_router)
+    app.include_router(routes.api_router, dependencies=[Depends(require_api_key)])
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    if config.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origins),
+                           allow_methods=["*"], allow_headers=["*"])
+    return app

@@ -1,0 +1,189 @@
+"""Every failure a client can see, as OpenAI's error body, decided in this one place.
+
+Routes and serving code raise; the handlers installed here translate. The body is
+always `{"error": {"message", "type", "param", "code"}}` and an invalid request is 400,
+never FastAPI's 422.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gptserve.engine.outputs import EngineDeadError, InvalidPromptError, PromptTooLongError, RequestFailedError
+from gptserve.engine.sampling_params import InvalidSamplingParams
+from gptserve.server.protocol import INVALID, UNSUPPORTED
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error type; subclasses fix both."""
+
+    status_code = 500
+    type = "internal_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    default_code = "unsupported_parameter"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    default_code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{model}` does not exist.", param="model")
+
+
+class RequestTooLargeError(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class QueueFullError(APIError):
+    status_code = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class EngineFailedError(APIError):
+    """The engine failed this request (or died while serving it); carries the request id."""
+
+    status_code = 500
+    type = "internal_error"
+    default_code = "engine_error"
+
+
+class NotReadyError(APIError):
+    status_code = 503
+    type = "service_unavailable"
+    default_code = "not_ready"
+
+
+class ClientDisconnected(APIError):
+    """The client went away before its response was ready; nobody reads the answer."""
+
+    status_code = 499
+    type = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection")
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(err.message, err.type, err.param, err.code),
+                        status_code=err.status_code, headers=headers)
+
+
+def from_exception(exc: BaseException, request_id: str | None = None) -> APIError:
+    """The APIError a client sees for any exception raised while serving a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidSamplingParams):
+        return InvalidRequestError(str(exc), param=exc.param)
+    if isinstance(exc, InvalidPromptError):
+        return InvalidRequestError(str(exc), param="prompt")
+    if isinstance(exc, PromptTooLongError):
+        return ContextLengthExceededError(str(exc))  # names the limit
+    if isinstance(exc, RequestFailedError):
+        return EngineFailedError(f"{exc}")
+    if isinstance(exc, EngineDeadError):
+        return EngineFailedError(f"request {request_id} failed: the engine has stopped ({exc})")
+    log.error("request %s failed", request_id, exc_info=exc)
+    return APIError(f"request {request_id} failed: internal server error ({type(exc).__name__})")
+
+
+# pydantic names union members in error locations: ('stop', 'list[str]', 0); they are not fields
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def param_from_loc(loc: tuple) -> str | None:
+    """pydantic's error location as OpenAI's param: ('body', 'messages', 0, 'role') -> messages[0].role."""
+    param = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _TYPE_TAGS or "[" in part or "(" in part:
+            continue
+        else:
+            param += f".{part}" if param else part
+    return param or None
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    """The first of pydantic's complaints, worded for a person."""
+    err = exc.errors()[0]
+    kind, msg, ctx = err.get("type", ""), err.get("msg", "invalid value"), err.get("ctx") or {}
+    param = ctx.get("param") or param_from_loc(tuple(err.get("loc", ())))
+    if kind == UNSUPPORTED:
+        return UnsupportedParameterError(msg, param=param)
+    if kind == INVALID:
+        return InvalidRequestError(msg, param=param)
+    if kind == "json_invalid":
+        return InvalidRequestError(f"The request body is not valid JSON: {ctx.get('error', msg)}")
+    if param is None:
+        return InvalidRequestError(
+            f"The request body must be a JSON object (Content-Type: application/json): {msg}")
+    if kind == "missing":
+        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
+    return InvalidRequestError(f"Invalid value for '{param}': {msg}", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_exception(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(from_exception(exc))
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err = NotFoundError(f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
+        elif exc.status_code == 413:
+            err = RequestTooLargeError(str(exc.detail))
+        else:
+            err = InvalidRequestError(str(exc.detail))
+            err.status_code = exc.status_code
+        return error_response(err, headers=getattr(exc, "headers", None))
+
+    # known kinds get their own entry, or Starlette would also log them as unhandled 500s
+    for kind in (APIError, InvalidSamplingParams, InvalidPromptError, PromptTooLongError, RequestFailedError,
+                 EngineDeadError, Exception):
+        app.add_exception_handler(kind, on_exception)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)

@@ -1,0 +1,93 @@
+"""POST /v1/chat/completions: messages through the chat template, answered as
+`chat.completion` or a stream of `chat.completion.chunk` events."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from gptserve.engine.outputs import Logprob
+from gptserve.model.tokenizer import Tokenizer
+from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
+                                      ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+                                      ChatLogprobToken, ChatResponseMessage, DeltaMessage, TopLogprob)
+from gptserve.server.serving import (Generation, ServingContext, UsageCounter, cancel_on_disconnect,
+                                     clamp_logprob, collect, finish_reason_of, usage_of)
+
+
+def chat_logprobs(tokenizer: Tokenizer, logprobs: list[Logprob]) -> ChatLogprobs:
+    """OpenAI's chat format: each token with its bytes and its top alternatives."""
+    def entry(token_id: int, logprob: float) -> dict:
+        return {"token": tokenizer.token_str(token_id), "logprob": clamp_logprob(logprob),
+                "bytes": list(tokenizer.token_bytes(token_id))}
+
+    return ChatLogprobs(content=[
+        ChatLogprobToken(**entry(lp.token_id, lp.logprob), top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top])
+        for lp in logprobs
+    ])
+
+
+class ServingChat:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
+        ctx = self.ctx
+        ctx.check_model(req.model)
+        ctx.check_ready()
+        max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        ctx.check_limits(req, max_tokens_param, "top_logprobs")
+        prompt_ids = ctx.encode_chat(req.messages)
+        params = req.to_sampling_params(ctx.vocab_size, extra_stop=ctx.chat_template.stop)
+        ctx.check_length(len(prompt_ids), params.max_tokens, "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        generation = ctx.open_generation([prompt_ids], params, request_id)
+        if req.stream:
+            return await ctx.stream(request, generation, self._chunks(req, generation))
+        try:
+            response = await cancel_on_disconnect(request, self._complete(req, generation))
+        finally:
+            await generation.aclose()
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    async def _complete(self, req: ChatCompletionRequest, generation: Generation) -> ChatCompletionResponse:
+        [result] = await collect(generation)
+        tokenizer = self.ctx.tokenizer
+        choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatResponseMessage(content=choice.text),
+                logprobs=chat_logprobs(tokenizer, choice.logprobs) if req.logprobs else None,
+                finish_reason=choice.finish_reason,
+            )
+            for i, choice in enumerate(result.choices)
+        ]
+        return ChatCompletionResponse(id=generation.request_id, model=self.ctx.served_model_name,
+                                      choices=choices, usage=usage_of([result]))
+
+    async def _chunks(self, req: ChatCompletionRequest, generation: Generation) -> AsyncIterator[str]:
+        created, request_id = int(time.time()), generation.request_id
+
+        def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
+            return ChatCompletionChunk(id=request_id, created=created, model=self.ctx.served_model_name,
+                                       choices=choices, usage=usage).model_dump_json()
+
+        for i in range(generation.params.n):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        usage = UsageCounter()
+        async for prompt_index, out in generation:
+            usage.add(prompt_index, out)
+            for delta in out.choices:
+                logprobs = chat_logprobs(self.ctx.tokenizer, delta.logprobs) if req.logprobs and delta.logprobs else None
+                if delta.text or logprobs:
+                    yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text),
+                                                 logprobs=logprobs)])
+                finish_reason = finish_reason_of(delta.finish_reason, request_id)
+                if finish_reason:
+                    yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(),
+                                                 finish_reason=finish_reason)])
+        if req.include_usage:
+            yield chunk([], usage.usage())

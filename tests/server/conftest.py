@@ -1,0 +1,111 @@
+"""HTTP fixtures: a tiny random GPT-2 checkpoint, and real gptserve servers (the real
+AsyncEngine behind uvicorn on 127.0.0.1, in a background thread) for the whole session."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+from gptserve.config import EngineConfig, ServerConfig
+from gptserve.engine.async_engine import AsyncEngine
+from gptserve.server.app import build_app
+from gptserve.server.serve import DrainingServer, make_server
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "gptserve" / "weights" / "default_model"
+MODEL_NAME = "tiny-gpt2"
+API_KEY = "sk-test-secret"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide GPT-2 with random weights and GPT-2's real tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256)).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(DEFAULT_MODEL_DIR / name, folder / name)
+    return folder
+
+
+@dataclass
+class RunningServer:
+    """A live server: its base URL, and clients pointed at it."""
+
+    server: DrainingServer
+    thread: threading.Thread
+    base_url: str
+    api_key: str = "unused"
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **kwargs)
+
+    def async_client(self, **kwargs) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **kwargs)
+
+    def http(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "server did not stop"
+
+
+def start_server(model_dir: Path, **server_settings) -> RunningServer:
+    engine_config = EngineConfig(device="cpu", dtype="float32", kv_cache_memory=8 * 2**20, enforce_eager=True)
+    server_config = dataclasses.replace(ServerConfig(port=0, served_model_name=MODEL_NAME), **server_settings)
+    app = build_app(AsyncEngine(str(model_dir), engine_config), server_config)
+    server = make_server(app, server_config, log_level="warning")
+    thread = threading.Thread(target=server.run, name="gptserve-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(server, thread, f"http://127.0.0.1:{port}", server_config.api_key or "unused")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
+    running = start_server(tiny_model_dir)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
+    """A server that requires API_KEY."""
+    running = start_server(tiny_model_dir, api_key=API_KEY)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def single_slot_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
+    """A server that takes one request at a time (--max-queued-requests 1)."""
+    running = start_server(tiny_model_dir, max_queued_requests=1)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> openai.OpenAI:
+    return server.client()
+
+
+@pytest.fixture
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with server.http() as c:
+        yield c
