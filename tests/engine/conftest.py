@@ -1,0 +1,82 @@
+"""Engine fixtures: a fresh LLMEngine on the tiny checkpoint, and the plain-model reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptserve.config import EngineConfig
+from gptserve.engine.llm_engine import LLMEngine
+from gptserve.model.attention import DenseAttention
+from gptserve.model.gpt2 import GPT2
+
+NEAR_TIE = 1e-4  # batched float rounding may flip only a genuine near-tie
+
+
+@pytest.fixture
+def make_engine(tiny_checkpoint):
+    """Build an engine on the tiny checkpoint; checks that every block is free afterwards."""
+    engines: list[LLMEngine] = []
+
+    def make(**overrides) -> LLMEngine:
+        cfg = EngineConfig(**{"kv_cache_memory": 4 * 2**20, **overrides})
+        engine = LLMEngine(str(tiny_checkpoint), cfg)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        assert not engine.has_unfinished()
+        assert engine.block_manager.num_used_blocks == 0, "KV blocks leaked"
+
+
+def greedy_alone(model: GPT2, prompt: list[int], n: int) -> tuple[list[int], list[float], list[float]]:
+    """Greedy tokens of `prompt` run alone through the plain model, each one's logprob, and
+    each step's gap between the two best logits."""
+    attn = DenseAttention(batch_size=1)
+    tokens, logprobs, gaps = [], [], []
+    with torch.inference_mode():
+        hidden = model(torch.tensor(prompt), torch.arange(len(prompt)), attn)
+        for i in range(n):
+            logits = model.logits(hidden[-1:])[0].float()
+            top2 = logits.topk(2).values
+            gaps.append(float(top2[0] - top2[1]))
+            tok = int(logits.argmax())
+            tokens.append(tok)
+            logprobs.append(float(torch.log_softmax(logits, -1)[tok]))
+            hidden = model(torch.tensor([tok]), torch.tensor([len(prompt) + i]), attn)
+    return tokens, logprobs, gaps
+
+
+def assert_same_greedy(got: list[int], prompt: list[int], model: GPT2,
+                       got_logprobs: list[float] | None = None) -> None:
+    """`got` equals the alone-run tokens (and logprobs within 1e-4, when given), except
+    after a divergence at a genuine near-tie."""
+    want, want_lp, gaps = greedy_alone(model, prompt, len(got))
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            assert gaps[i] < NEAR_TIE, f"token {i} differs ({a} vs {b}) with top-2 gap {gaps[i]:.2e}"
+            return
+        if got_logprobs is not None:
+            assert abs(got_logprobs[i] - want_lp[i]) < 1e-4, f"token {i}: logprob {got_logprobs[i]} vs {want_lp[i]}"
+    assert len(got) == len(want)
+
+
+def run_collect(engine, prompts: list[list[int]], params) -> list[tuple[list[int], list[float]]]:
+    """Run prompts together; return each one's first choice tokens and chosen-token logprobs."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    got = {f"r{i}": ([], []) for i in range(len(prompts))}
+    for i, (prompt, p) in enumerate(zip(prompts, plist)):
+        engine.add_request(f"r{i}", prompt, p)
+    while engine.has_unfinished():
+        for out in engine.step():
+            for c in out.choices:
+                if c.index == 0:
+                    got[out.request_id][0].extend(c.token_ids)
+                    got[out.request_id][1].extend(lp.logprob for lp in c.logprobs or [])
+    return [got[f"r{i}"] for i in range(len(prompts))]
+
+
+def random_prompts(count: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=g).tolist()
+    return [torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths]
