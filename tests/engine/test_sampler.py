@@ -1,0 +1,103 @@
+"""Per-row sampling settings, applied to a batch at once."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptserve.engine.sampler import Sampler
+from gptserve.engine.sampling_params import SamplingParams
+from gptserve.engine.sequence import Sequence
+from tests.engine.test_block_manager import _NoTokenizer
+from gptserve.engine.detokenizer import StreamDetokenizer
+
+V = 50
+
+
+def seqs(*params: SamplingParams, tokens=(1, 2, 3)) -> list[Sequence]:
+    return [Sequence("r", 0, list(tokens), p, StreamDetokenizer(_NoTokenizer(), [])) for p in params]
+
+
+def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(3)
+    out = sampler(logits, seqs(SamplingParams(temperature=0), SamplingParams(temperature=1.0),
+                               SamplingParams(temperature=0)))
+    assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[2] == int(logits[2].argmax())
+
+
+def test_top_k_1_top_p_tiny_and_min_p_1_all_reduce_to_greedy():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(3, seed=1)
+    params = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6),
+              SamplingParams(temperature=1.0, min_p=1.0)]
+    for _ in range(20):
+        out = sampler(logits, seqs(*params))
+        assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(1, seed=2)
+    best5 = set(logits[0].topk(5).indices.tolist())
+    drawn = {sampler(logits, seqs(SamplingParams(temperature=2.0, top_k=5))).token_ids[0] for _ in range(200)}
+    assert drawn <= best5 and len(drawn) > 1
+
+
+def test_sampling_follows_the_softmax_distribution():
+    sampler = Sampler(V, torch.device("cpu"), seed=3)
+    logits = torch.tensor([[2.0, 1.0, 0.0] + [-30.0] * (V - 3)])
+    n = 4000
+    counts = torch.zeros(3)
+    for _ in range(n):
+        counts[sampler(logits, seqs(SamplingParams(temperature=1.0))).token_ids[0]] += 1
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 13.8  # p = 0.001 with 2 degrees of freedom
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(2, seed=4)
+    out = sampler(logits, seqs(SamplingParams(temperature=0, logit_bias={7: 100.0}),
+                               SamplingParams(temperature=0, logit_bias={int(logits[1].argmax()): -100.0})))
+    assert out.token_ids[0] == 7
+    assert out.token_ids[1] == int(logits[1].topk(2).indices[1])
+
+
+def test_presence_frequency_and_repetition_penalties_lower_seen_tokens():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = torch.zeros(1, V)
+    logits[0, 5], logits[0, 9] = 1.0, 0.9
+    # token 5 was generated before: each penalty alone pushes it below token 9
+    for p in (SamplingParams(temperature=0, presence_penalty=0.5), SamplingParams(temperature=0, frequency_penalty=0.5),
+              SamplingParams(temperature=0, repetition_penalty=1.5)):
+        s = seqs(p, tokens=(1,))
+        s[0].token_ids.append(5)
+        assert sampler(logits, s).token_ids[0] == 9
+    assert sampler(logits, seqs(SamplingParams(temperature=0), tokens=(1,))).token_ids[0] == 5
+
+
+def test_logprobs_are_the_models_log_softmax_with_sorted_alternatives():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(2, seed=5)
+    out = sampler(logits, seqs(SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0)))
+    lp = torch.log_softmax(logits[0], -1)
+    first = out.logprobs[0]
+    assert math.isclose(first.logprob, float(lp.max()), abs_tol=1e-5)
+    assert [t for t, _ in first.top] == lp.topk(3).indices.tolist()
+    assert out.logprobs[1] is None
+
+
+def test_a_seeded_row_draws_the_same_token_whatever_its_neighbours():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(4, seed=6)
+    p = SamplingParams(temperature=1.0, seed=42)
+    alone = [sampler(logits[2:3], seqs(p))]
+    mixed = [sampler(logits, seqs(SamplingParams(temperature=1.0), SamplingParams(temperature=1.0), p,
+                                  SamplingParams(temperature=1.0)))]
+    assert alone[0].token_ids[0] == mixed[0].token_ids[2]
