@@ -1,0 +1,89 @@
+"""Data parallel: N engine replicas (one per GPU) behind one front, least-loaded routing.
+
+Each replica is a full AsyncEngine with its own weights, KV pool and step thread. A new
+request goes to the replica with the fewest requests in flight; its aborts follow it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import AsyncIterator
+
+from gptserve.config import EngineConfig
+from gptserve.engine.async_engine import AsyncEngine
+from gptserve.engine.outputs import EngineStats, RequestOutput
+from gptserve.engine.placement import PlacementError
+from gptserve.engine.sampling_params import SamplingParams
+
+
+def replica_devices(device: str, n: int, cuda_count: int) -> list[str]:
+    """Devices for n replicas: cuda:0..n-1 on GPUs; the CPU may hold several (for testing)."""
+    if device == "cpu":
+        return ["cpu"] * n
+    if device not in ("auto", "cuda"):
+        raise PlacementError(f"--data-parallel-size {n} needs --device auto, cuda or cpu, not {device!r}")
+    if cuda_count < n:
+        raise PlacementError(f"--data-parallel-size {n} needs {n} CUDA GPUs; {cuda_count} found")
+    return [f"cuda:{i}" for i in range(n)]
+
+
+class DataParallelEngine:
+    def __init__(self, model: str | None, config: EngineConfig, replicas: list[AsyncEngine] | None = None):
+        if replicas is None:
+            import torch
+
+            devices = replica_devices(config.device, config.data_parallel_size, torch.cuda.device_count())
+            replicas = [AsyncEngine(model, dataclasses.replace(config, device=d, data_parallel_size=1))
+                        for d in devices]
+        self.replicas = replicas
+        first = replicas[0]
+        self.model_name = first.model_name
+        self.tokenizer = first.tokenizer
+        self.model_config = first.model_config
+        self.max_model_len = first.max_model_len
+        self.in_flight = [0] * len(replicas)
+        self.owner: dict[str, int] = {}
+
+    def start(self) -> None:
+        for r in self.replicas:
+            r.start()
+
+    async def shutdown(self) -> None:
+        for r in self.replicas:
+            await r.shutdown()
+
+    @property
+    def is_ready(self) -> bool:
+        return all(r.is_ready for r in self.replicas)
+
+    def pick(self) -> int:
+        return min(range(len(self.replicas)), key=lambda i: self.in_flight[i])
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        i = self.pick()
+        self.in_flight[i] += 1
+        self.owner[request_id] = i
+        try:
+            async for out in self.replicas[i].generate(prompt_token_ids, params, request_id):
+                yield out
+        finally:
+            self.in_flight[i] -= 1
+            self.owner.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        i = self.owner.get(request_id)
+        if i is not None:
+            self.replicas[i].abort(request_id)
+
+    def stats(self) -> EngineStats:
+        parts = [dataclasses.asdict(r.stats()) for r in self.replicas]
+        return EngineStats(**{k: sum(p[k] for p in parts) for k in parts[0]})
+
+    async def inspect(self, prompt_token_ids: list[int]):
+        return await self.replicas[self.pick()].inspect(prompt_token_ids)
+
+
+def build_engine(model: str | None, config: EngineConfig) -> AsyncEngine | DataParallelEngine:
+    if config.data_parallel_size > 1:
+        return DataParallelEngine(model, config)
+    return AsyncEngine(model, config)
