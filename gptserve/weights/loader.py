@@ -73,7 +73,8 @@ def _from_hub(repo_id: str) -> Path:
 
 def _offline_message(repo_id: str) -> str:
     return (f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded: "
-            f"run `huggingface-cli download {repo_id}` on a machine with internet access "
+            f"run `hf download {repo_id}` (`huggingface-cli download {repo_id}` with huggingface_hub "
+            f"older than 0.34) on a machine with internet access "
             f"(or copy its folder here) and pass --model PATH_OR_ID again")
 
 
@@ -134,6 +135,8 @@ def _our_name(name: str) -> str | None:
 
 def read_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {str(path)!r} does not exist")
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model folder?")
     try:
@@ -150,7 +153,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     files, kind = _tensor_files(path)
     with torch.device("meta"):
         model = GPT2(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: never a float32 copy on device
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for ckpt_name, tensor in _iter_tensors(files, kind):

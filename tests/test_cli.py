@@ -1,0 +1,49 @@
+"""`gptserve info` and `gptserve generate` on the command line, and their errors."""
+from __future__ import annotations
+
+import pytest
+
+from gptserve.cli import main
+from gptserve.model.tokenizer import Tokenizer
+from gptserve.weights.loader import load_model, read_config
+
+PROMPT = "The meaning of life is"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_prints_the_parameter_count_and_the_12_d2_l_estimate(capsys, tiny_checkpoint):
+    code, out, _ = run(capsys, "info", "--model", str(tiny_checkpoint), "--device", "cpu")
+    assert code == 0
+    cfg = read_config(tiny_checkpoint)
+    n = cfg.num_parameters()
+    assert f"parameters:       {n:,} ({n / 1e6:.1f}M)" in out
+    assert f"12*d^2*L:         {12 * 64**2 * 2:,}" in out
+    assert f"weights memory:   {n * 4 / 2**20:.1f} MiB in float32" in out
+
+
+def test_generate_greedy_prints_the_prompt_and_its_continuation(capsys, tiny_checkpoint, greedy_decode):
+    argv = ["generate", PROMPT, "--model", str(tiny_checkpoint), "--device", "cpu",
+            "--temperature", "0", "--max-tokens", "5", "--ignore-eos"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    tokenizer = Tokenizer.from_folder(tiny_checkpoint)
+    tokens = greedy_decode(load_model(tiny_checkpoint), tokenizer.encode(PROMPT), 5)
+    assert out == PROMPT + tokenizer.decode(tokens) + "\n"
+    assert run(capsys, *argv)[1] == out  # deterministic
+
+
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_a_missing_model_folder_exits_2_with_a_one_line_error(capsys, tmp_path, command):
+    missing = str(tmp_path / "no-such-model")
+    argv = [command, "--model", missing] + (["hello"] if command == "generate" else [])
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("gptserve: error: ")
+    assert "does not exist" in err and missing in err
+    assert "Traceback" not in err
