@@ -20,12 +20,14 @@ UNSUPPORTED = "unsupported_parameter"
 INVALID = "invalid_value"
 
 
-def unsupported(field: str, why: str) -> PydanticCustomError:
+def unsupported(what: str, why: str, param: str | None = None) -> PydanticCustomError:
+    """`what` is refused; the error's param is `param`, or else where pydantic found it."""
     return PydanticCustomError(UNSUPPORTED, "{message}",
-                               {"message": f"'{field}' is not supported by this server: {why}", "param": field})
+                               {"message": f"{what} is not supported by this server: {why}", "param": param})
 
 
 def invalid(message: str, param: str | None = None) -> PydanticCustomError:
+    """`param`: for checks across fields (model validators), which have no location of their own."""
     return PydanticCustomError(INVALID, "{message}", {"message": message, "param": param})
 
 
@@ -79,7 +81,7 @@ class ChatMessage(OpenAIModel):
     @classmethod
     def _no_tool_calls(cls, tool_calls: Any) -> Any:
         if tool_calls:
-            raise unsupported("tool_calls", "tool calling is not supported")
+            raise unsupported("'tool_calls'", "tool calling is not supported")
         return tool_calls
 
     @property
@@ -196,14 +198,14 @@ class ChatCompletionRequest(SamplingRequest):
     @classmethod
     def _no_tools(cls, value: Any, info: Any) -> Any:
         if value:
-            raise unsupported(info.field_name, "tool and function calling are not supported")
+            raise unsupported(f"'{info.field_name}'", "tool and function calling are not supported")
         return value
 
     @field_validator("tool_choice", "function_call")
     @classmethod
     def _no_tool_choice(cls, value: Any, info: Any) -> Any:
         if value not in (None, "none"):
-            raise unsupported(info.field_name, "tool and function calling are not supported")
+            raise unsupported(f"'{info.field_name}'", "tool and function calling are not supported")
         return value
 
     @field_validator("response_format")
@@ -211,21 +213,21 @@ class ChatCompletionRequest(SamplingRequest):
     def _text_format_only(cls, value: Any) -> Any:
         kind = value.get("type") if isinstance(value, dict) else value
         if value is not None and kind != "text":
-            raise unsupported("response_format", f"type '{kind}' is not available; only 'text' output is")
+            raise unsupported("'response_format'", f"type '{kind}' is not available; only 'text' output is")
         return value
 
     @field_validator("audio", "web_search_options")
     @classmethod
     def _no_audio_or_search(cls, value: Any, info: Any) -> Any:
         if value is not None:
-            raise unsupported(info.field_name, "this server serves a text-only model")
+            raise unsupported(f"'{info.field_name}'", "this server serves a text-only model")
         return value
 
     @field_validator("modalities")
     @classmethod
     def _text_modality_only(cls, value: Any) -> Any:
         if value is not None and value != ["text"]:
-            raise unsupported("modalities", "only [\"text\"] is available")
+            raise unsupported("'modalities'", "only [\"text\"] is available")
         return value
 
     @model_validator(mode="after")
@@ -275,13 +277,14 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _no_suffix(cls, suffix: str | None) -> str | None:
         if suffix:
-            raise unsupported("suffix", "insertion is not supported")
+            raise unsupported("'suffix'", "insertion is not supported")
         return suffix
 
     @model_validator(mode="after")
     def _best_of_is_n(self) -> "CompletionRequest":
         if self.best_of is not None and self.best_of != (self.n or 1):
-            raise unsupported("best_of", "only best_of equal to n (every candidate returned) is supported")
+            raise unsupported("'best_of'", "only best_of equal to n (every candidate returned) is supported",
+                              "best_of")
         return self
 
     def max_new_tokens(self) -> int | None:

@@ -180,6 +180,7 @@ class Generation:
         request_id = self.engine_request_id(prompt_index)
         metrics, arrival = self.ctx.metrics, time.monotonic()
         last_token_time, finished = None, False
+        unfinished_choices, end_reason = set(range(self.params.n)), FinishReason.ABORT
         try:
             async for out in self.ctx.engine.generate(prompt_ids, self.params, request_id):
                 now = time.monotonic()
@@ -194,6 +195,7 @@ class Generation:
                 for choice in out.choices:
                     if choice.finish_reason is not None:
                         metrics.sequences_finished.labels(choice.finish_reason.value).inc()
+                        unfinished_choices.discard(choice.index)
                 if out.finished:
                     finished = True
                     metrics.e2e_request_latency.observe(now - arrival)
@@ -202,10 +204,13 @@ class Generation:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - handed to the reader, who turns it into an HTTP error
+            end_reason = FinishReason.ERROR
             self._queue.put_nowait((prompt_index, e))
         finally:
-            if not finished:
+            if not finished:  # the client went away, or the request failed
                 self.ctx.engine.abort(request_id)
+                if unfinished_choices:
+                    metrics.sequences_finished.labels(end_reason.value).inc(len(unfinished_choices))
 
     async def _next(self) -> tuple[int, RequestOutput] | None:
         while self._num_open:
@@ -235,14 +240,15 @@ class Generation:
             yield item
 
     async def aclose(self) -> None:
-        """Aborts whatever is unfinished and gives the queue slots back."""
-        if self._closed:
-            return
-        self._closed = True
-        for task in self._tasks:
-            task.cancel()
+        """Gives the queue slots back and aborts whatever is unfinished. The work is done
+        before the first await: a stream cut by its client closes us inside a cancelled
+        scope, where every await is cancelled at once."""
+        if not self._closed:
+            self._closed = True
+            self.ctx.num_in_flight -= self.num_prompts
+            for task in self._tasks:
+                task.cancel()  # each task's own clean-up aborts its engine request
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.ctx.num_in_flight -= self.num_prompts
 
 
 # --- collecting and wording results, shared by chat and completions ---

@@ -18,6 +18,7 @@ from gptserve.config import EngineConfig, ServerConfig
 from gptserve.engine.async_engine import AsyncEngine
 from gptserve.server.app import build_app
 from gptserve.server.serve import DrainingServer, make_server
+from gptserve.server.serving import ServingContext
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "gptserve" / "weights" / "default_model"
 MODEL_NAME = "tiny-gpt2"
@@ -46,6 +47,12 @@ class RunningServer:
     thread: threading.Thread
     base_url: str
     api_key: str = "unused"
+    model_name: str = MODEL_NAME
+
+    @property
+    def serving(self) -> ServingContext:
+        """The app's shared state (engine, limits, queue), for tests that must reach inside."""
+        return self.server.config.app.state.serving
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **kwargs)
@@ -54,7 +61,14 @@ class RunningServer:
         return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **kwargs)
 
     def http(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)
+        return httpx.Client(base_url=self.base_url, **{"timeout": 60, **kwargs})
+
+    def sse(self, path: str, body: dict, **kwargs) -> list[str]:
+        """POST and read the whole event stream: the data of each event, in order."""
+        with self.http() as http, http.stream("POST", path, json=body, **kwargs) as response:
+            assert response.status_code == 200, response.read()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -98,6 +112,21 @@ def single_slot_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
     running = start_server(tiny_model_dir, max_queued_requests=1)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def launch(tiny_model_dir: Path) -> Iterator:
+    """Start a server of this test's own (ServerConfig fields as keywords); stopped after it."""
+    started: list[RunningServer] = []
+
+    def launch_server(**server_settings) -> RunningServer:
+        started.append(start_server(tiny_model_dir, **server_settings))
+        return started[-1]
+
+    yield launch_server
+    for running in started:
+        if running.thread.is_alive():
+            running.stop()
 
 
 @pytest.fixture

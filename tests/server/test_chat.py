@@ -6,27 +6,20 @@ import json
 import httpx
 import openai
 
-from tests.server.conftest import MODEL_NAME, RunningServer
-
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
 FIXED = {"ignore_eos": True}  # random weights: without it a reply may end at any token
 
 
 def chat(client: openai.OpenAI, **kwargs):
-    args = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "extra_body": FIXED}
+    args = {"model": "tiny-gpt2", "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "extra_body": FIXED}
     return client.chat.completions.create(**{**args, **kwargs})
-
-
-def sse_events(response: httpx.Response) -> list[str]:
-    """The data of each SSE event, in order."""
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
 
 
 def test_reply_is_a_chat_completion_with_usage(client: openai.OpenAI):
     reply = chat(client, max_tokens=7)
     assert reply.object == "chat.completion"
     assert reply.id.startswith("chatcmpl-")
-    assert reply.model == MODEL_NAME
+    assert reply.model == "tiny-gpt2"
     [choice] = reply.choices
     assert choice.index == 0
     assert choice.message.role == "assistant"
@@ -53,12 +46,8 @@ def test_streamed_text_equals_unstreamed_text(client: openai.OpenAI):
     assert streamed == whole
 
 
-def test_stream_opens_with_role_closes_with_finish_reason_and_done(http: httpx.Client):
-    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 5, "stream": True, **FIXED}
-    with http.stream("POST", "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(response)
+def test_stream_opens_with_role_closes_with_finish_reason_and_done(server):
+    events = server.sse("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5, "stream": True, **FIXED})
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -146,12 +135,12 @@ def test_unknown_extra_fields_are_ignored(client: openai.OpenAI):
 def test_model_may_be_omitted(http: httpx.Client):
     response = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
     assert response.status_code == 200
-    assert response.json()["model"] == MODEL_NAME
+    assert response.json()["model"] == "tiny-gpt2"
 
 
-async def test_async_client_streams(server: RunningServer):
+async def test_async_client_streams(server):
     client = server.async_client()
-    stream = await client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=4,
+    stream = await client.chat.completions.create(model="tiny-gpt2", messages=MESSAGES, max_tokens=4,
                                                   temperature=0, stream=True, extra_body=FIXED)
     finishes = [chunk.choices[0].finish_reason async for chunk in stream if chunk.choices]
     assert finishes[-1] == "length"
