@@ -42,9 +42,9 @@ def make_server(app: FastAPI, server_config: ServerConfig, log_level: int | str 
 
 
 def run_server(model: str | None, engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    from gptserve.engine.async_engine import AsyncEngine
+    from gptserve.engine.data_parallel import build_engine
 
-    engine = AsyncEngine(model, engine_config)
+    engine = build_engine(model, engine_config)  # one replica, or one per GPU
     app = build_app(engine, server_config)
     log.info("listening on http://%s:%d", server_config.host, server_config.port)
     make_server(app, server_config, log_level=logging.getLogger().level or logging.INFO).run()

@@ -1,9 +1,8 @@
-"""HTTP fixtures: a tiny random GPT-2 checkpoint, and real gptserve servers (the real
-AsyncEngine behind uvicorn on 127.0.0.1, in a background thread) for the whole session."""
+"""HTTP fixtures: real gptserve servers (the real AsyncEngine on the tiny random checkpoint,
+behind uvicorn on 127.0.0.1 in a background thread), for the whole session or one test."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -20,23 +19,8 @@ from gptserve.server.app import build_app
 from gptserve.server.serve import DrainingServer, make_server
 from gptserve.server.serving import ServingContext
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "gptserve" / "weights" / "default_model"
 MODEL_NAME = "tiny-gpt2"
 API_KEY = "sk-test-secret"
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 64-wide GPT-2 with random weights and GPT-2's real tokenizer."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256)).save_pretrained(folder)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(DEFAULT_MODEL_DIR / name, folder / name)
-    return folder
 
 
 @dataclass
@@ -92,35 +76,35 @@ def start_server(model_dir: Path, **server_settings) -> RunningServer:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
-    running = start_server(tiny_model_dir)
+def server(tiny_checkpoint: Path) -> Iterator[RunningServer]:
+    running = start_server(tiny_checkpoint)
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="session")
-def keyed_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
+def keyed_server(tiny_checkpoint: Path) -> Iterator[RunningServer]:
     """A server that requires API_KEY."""
-    running = start_server(tiny_model_dir, api_key=API_KEY)
+    running = start_server(tiny_checkpoint, api_key=API_KEY)
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="session")
-def single_slot_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
+def single_slot_server(tiny_checkpoint: Path) -> Iterator[RunningServer]:
     """A server that takes one request at a time (--max-queued-requests 1)."""
-    running = start_server(tiny_model_dir, max_queued_requests=1)
+    running = start_server(tiny_checkpoint, max_queued_requests=1)
     yield running
     running.stop()
 
 
 @pytest.fixture
-def launch(tiny_model_dir: Path) -> Iterator:
+def launch(tiny_checkpoint: Path) -> Iterator:
     """Start a server of this test's own (ServerConfig fields as keywords); stopped after it."""
     started: list[RunningServer] = []
 
     def launch_server(**server_settings) -> RunningServer:
-        started.append(start_server(tiny_model_dir, **server_settings))
+        started.append(start_server(tiny_checkpoint, **server_settings))
         return started[-1]
 
     yield launch_server

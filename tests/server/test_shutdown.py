@@ -45,13 +45,13 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_ends_open_streams_then_the_process_exits(tiny_model_dir, sig):
+def test_signal_ends_open_streams_then_the_process_exits(tiny_checkpoint, sig):
     port = free_port()
     script = (
         "import logging; logging.basicConfig(level=logging.WARNING)\n"
         "from gptserve.config import EngineConfig, ServerConfig\n"
         "from gptserve.server.serve import run_server\n"
-        f"run_server({str(tiny_model_dir)!r}, EngineConfig(device='cpu', kv_cache_memory=8 * 2**20),"
+        f"run_server({str(tiny_checkpoint)!r}, EngineConfig(device='cpu', kv_cache_memory=8 * 2**20),"
         f" ServerConfig(port={port}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
