@@ -4,6 +4,8 @@ A decode step is many small kernels; on a GPU the launch overhead dominates at s
 batches. Each graph reads static input buffers (ids, positions, slots, block tables,
 context lengths), so a step copies its inputs in and replays. Padding rows write their
 K/V to a scratch block that no sequence owns and attend to one token of it.
+With capture=False the same static buffers and padding run eagerly: that is how the
+device-independent part is tested on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class DecodeGraphs:
-    def __init__(self, model: GPT2, pool: KVPool, max_blocks: int, batch_sizes: tuple[int, ...]):
+    def __init__(self, model: GPT2, pool: KVPool, max_blocks: int, batch_sizes: tuple[int, ...],
+                 capture: bool = True):
         self.model = model
         self.pool = pool
         self.max_blocks = max_blocks
@@ -36,7 +39,8 @@ class DecodeGraphs:
         }
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._capture()
+        if capture:
+            self._capture()
 
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.sizes[-1]
@@ -74,5 +78,8 @@ class DecodeGraphs:
             x[name][:b].copy_(inputs[name], non_blocking=True)
         tables = inputs["block_tables"]
         x["block_tables"][:b, :tables.shape[1]].copy_(tables, non_blocking=True)
-        self.graphs[padded].replay()
+        if self.graphs:
+            self.graphs[padded].replay()
+        else:
+            self.outputs[padded] = self._forward(padded)
         return self.outputs[padded][:b]

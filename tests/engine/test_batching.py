@@ -131,3 +131,18 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(make_engine):
     assert together[2][0] == alone
     unseeded = engine.generate([prompt], SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True))
     assert unseeded[0][0] != alone
+
+
+def test_padded_static_decode_batches_of_cuda_graphs_match_running_alone(make_engine):
+    """The CUDA-graph path's padding and scratch block, run eagerly on the CPU."""
+    from gptserve.engine.cuda_graphs import DecodeGraphs
+
+    engine = make_engine()
+    runner = engine.runner
+    runner.graphs = DecodeGraphs(engine.model, engine.pool, runner.max_blocks, (1, 2, 4, 8), capture=False)
+    prompts = random_prompts(6, 5, 60, seed=12)  # 6 decodes pad to 8; fewer as they finish
+    params = [SamplingParams(max_tokens=8 + 2 * i, **GREEDY) for i in range(6)]
+    outs = run_collect(engine, prompts, params)
+    for prompt, (tokens, logprobs) in zip(prompts, outs):
+        assert_same_greedy(tokens, prompt, engine.model, logprobs)
+    assert runner.graphs.outputs.keys() >= {8, 4}
