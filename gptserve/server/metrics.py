@@ -11,12 +11,28 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from gptserve.engine.async_engine import AsyncEngine
+    from gptserve.engine.outputs import EngineStats
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+# (metric, kind, EngineStats field, help): what the engine reports, as Prometheus series
+ENGINE_SERIES = [
+    ("gptserve_num_requests_running", GaugeMetricFamily, "num_running", "Requests in the running batch."),
+    ("gptserve_num_requests_waiting", GaugeMetricFamily, "num_waiting", "Requests waiting to be scheduled."),
+    ("gptserve_kv_blocks_used", GaugeMetricFamily, "kv_blocks_used", "KV cache blocks in use."),
+    ("gptserve_kv_blocks_total", GaugeMetricFamily, "kv_blocks_total", "KV cache blocks in the pool."),
+    ("gptserve_prefix_cache_queries", CounterMetricFamily, "prefix_cache_queries",
+     "Prompt tokens looked up in the prefix cache."),
+    ("gptserve_prefix_cache_hits", CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("gptserve_num_preemptions", CounterMetricFamily, "num_preemptions", "Sequences preempted for lack of KV blocks."),
+    ("gptserve_prompt_tokens", CounterMetricFamily, "prompt_tokens", "Prompt tokens processed."),
+    ("gptserve_generation_tokens", CounterMetricFamily, "generation_tokens", "Tokens generated."),
+]
 
 
 class EngineCollector(Collector):
@@ -37,33 +53,13 @@ class EngineCollector(Collector):
         return self._families(stats)
 
     @staticmethod
-    def _families(stats) -> Iterator[Metric]:
-        def value(name: str) -> float:
-            return float(getattr(stats, name)) if stats is not None else 0.0
-
-        hit_rate = (value("prefix_cache_hits") / value("prefix_cache_queries")
-                    if stats is not None and stats.prefix_cache_queries else 0.0)
-        yield GaugeMetricFamily("gptserve_num_requests_running", "Requests in the running batch.",
-                                value=value("num_running"))
-        yield GaugeMetricFamily("gptserve_num_requests_waiting", "Requests waiting to be scheduled.",
-                                value=value("num_waiting"))
-        yield GaugeMetricFamily("gptserve_kv_blocks_used", "KV cache blocks in use.",
-                                value=value("kv_blocks_used"))
-        yield GaugeMetricFamily("gptserve_kv_blocks_total", "KV cache blocks in the pool.",
-                                value=value("kv_blocks_total"))
+    def _families(stats: "EngineStats | None") -> Iterator[Metric]:
+        for name, family, field, help_text in ENGINE_SERIES:
+            yield family(name, help_text, value=float(getattr(stats, field)) if stats else 0.0)
+        hit_rate = stats.prefix_cache_hits / stats.prefix_cache_queries if stats and stats.prefix_cache_queries else 0.0
         yield GaugeMetricFamily("gptserve_prefix_cache_hit_rate",
                                 "Share of looked-up prompt tokens found in the prefix cache, since start.",
                                 value=hit_rate)
-        yield CounterMetricFamily("gptserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=value("prefix_cache_queries"))
-        yield CounterMetricFamily("gptserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                  value=value("prefix_cache_hits"))
-        yield CounterMetricFamily("gptserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
-                                  value=value("num_preemptions"))
-        yield CounterMetricFamily("gptserve_prompt_tokens", "Prompt tokens processed.",
-                                  value=value("prompt_tokens"))
-        yield CounterMetricFamily("gptserve_generation_tokens", "Tokens generated.",
-                                  value=value("generation_tokens"))
 
 
 class ServerMetrics:

@@ -14,9 +14,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, TypeVar
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from gptserve.config import ServerConfig
@@ -135,18 +137,28 @@ class ServingContext:
             raise QueueFullError(f"The server already has {self.num_in_flight} requests in flight, its limit is "
                                  f"{limit} (--max-queued-requests). Retry later.")
         self.num_in_flight += len(prompts)
+        log.debug("%s: %d prompt(s) of %s tokens, n=%d, max_tokens=%s", request_id, len(prompts),
+                  "/".join(str(len(p)) for p in prompts), params.n, params.max_tokens)
         return Generation(self, prompts, params, request_id)
 
-    async def stream(self, request: Request, generation: "Generation",
-                     events: AsyncIterator[str]) -> EventSourceResponse:
-        """Waits for every prompt's first output, so that errors before the first token are
-        HTTP errors, then streams `events` as SSE ending with `data: [DONE]`."""
+    async def respond(self, request: Request, generation: "Generation", stream: bool,
+                      events: Callable[[], AsyncIterator[str]],
+                      complete: Callable[[], Awaitable[BaseModel]]) -> Response:
+        """The whole answer as JSON (`complete`), or `events` as SSE ending with `data: [DONE]`.
+        A stream starts once every prompt has its first output, so that errors before the
+        first token (too long, engine failure) are HTTP errors, not a broken stream."""
+        if not stream:
+            try:
+                answer = await cancel_on_disconnect(request, complete())
+            finally:
+                await generation.aclose()
+            return Response(answer.model_dump_json(), media_type="application/json")
         try:
             await cancel_on_disconnect(request, generation.start())
         except BaseException:
             await generation.aclose()
             raise
-        return EventSourceResponse(sse_frames(events, generation), sep="\n",
+        return EventSourceResponse(sse_frames(events(), generation), sep="\n",
                                    shutdown_grace_period=STREAM_SHUTDOWN_GRACE_S)
 
     async def stop_engine(self) -> None:

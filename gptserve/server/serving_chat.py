@@ -13,9 +13,9 @@ from gptserve.engine.outputs import Logprob
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
                                       ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                                      ChatLogprobToken, ChatResponseMessage, DeltaMessage, TopLogprob)
-from gptserve.server.serving import (Generation, ServingContext, UsageCounter, cancel_on_disconnect,
-                                     clamp_logprob, collect, finish_reason_of, usage_of)
+                                      ChatLogprobToken, ChatResponseMessage, DeltaMessage, TopLogprob, Usage)
+from gptserve.server.serving import (Generation, ServingContext, UsageCounter, clamp_logprob, collect,
+                                     finish_reason_of, usage_of)
 
 
 def chat_logprobs(tokenizer: Tokenizer, logprobs: list[Logprob]) -> ChatLogprobs:
@@ -45,13 +45,8 @@ class ServingChat:
         ctx.check_length(len(prompt_ids), params.max_tokens, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generation = ctx.open_generation([prompt_ids], params, request_id)
-        if req.stream:
-            return await ctx.stream(request, generation, self._chunks(req, generation))
-        try:
-            response = await cancel_on_disconnect(request, self._complete(req, generation))
-        finally:
-            await generation.aclose()
-        return Response(response.model_dump_json(), media_type="application/json")
+        return await ctx.respond(request, generation, bool(req.stream),
+                                 lambda: self._chunks(req, generation), lambda: self._complete(req, generation))
 
     async def _complete(self, req: ChatCompletionRequest, generation: Generation) -> ChatCompletionResponse:
         [result] = await collect(generation)
@@ -71,7 +66,7 @@ class ServingChat:
     async def _chunks(self, req: ChatCompletionRequest, generation: Generation) -> AsyncIterator[str]:
         created, request_id = int(time.time()), generation.request_id
 
-        def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return ChatCompletionChunk(id=request_id, created=created, model=self.ctx.served_model_name,
                                        choices=choices, usage=usage).model_dump_json()
 

@@ -13,9 +13,10 @@ from gptserve.engine.outputs import Logprob
 from gptserve.engine.sampling_params import InvalidSamplingParams
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.server.errors import InvalidRequestError
-from gptserve.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from gptserve.server.serving import (Generation, ServingContext, UsageCounter, cancel_on_disconnect,
-                                     clamp_logprob, collect, finish_reason_of, usage_of)
+from gptserve.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                      Usage)
+from gptserve.server.serving import (Generation, ServingContext, UsageCounter, clamp_logprob, collect,
+                                     finish_reason_of, usage_of)
 
 
 class LogprobWriter:
@@ -72,13 +73,9 @@ class ServingCompletion:
             ctx.check_length(len(ids), params.max_tokens, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generation = ctx.open_generation(prompts, params, request_id)
-        if req.stream:
-            return await ctx.stream(request, generation, self._chunks(req, generation, prompt_texts))
-        try:
-            response = await cancel_on_disconnect(request, self._complete(req, generation, prompt_texts))
-        finally:
-            await generation.aclose()
-        return Response(response.model_dump_json(), media_type="application/json")
+        return await ctx.respond(request, generation, bool(req.stream),
+                                 lambda: self._chunks(req, generation, prompt_texts),
+                                 lambda: self._complete(req, generation, prompt_texts))
 
     def _prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """Token ids and text of each prompt; an empty prompt is <|endoftext|>, a new document."""
@@ -126,7 +123,7 @@ class ServingCompletion:
         created, request_id, n = int(time.time()), generation.request_id, generation.params.n
         writers: dict[int, LogprobWriter] = {}  # by choice index
 
-        def chunk(choices: list[CompletionChoice], usage=None) -> str:
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
             return CompletionResponse(id=request_id, created=created, model=self.ctx.served_model_name,
                                       choices=choices, usage=usage).model_dump_json()
 
