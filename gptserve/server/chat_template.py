@@ -46,6 +46,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template does not compile: {e} (line {e.lineno})") from None
         self.stop = stop  # implicit stop strings of this template
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.uses_eos_token = "eos_token" in source or "bos_token" in source  # GPT-2: both <|endoftext|>
 
     @classmethod
     def load(cls, spec: str | None, bos_token: str, eos_token: str) -> "ChatTemplate":

@@ -3,6 +3,7 @@ latencies the server observes per request."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -11,7 +12,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from gptserve.engine.async_engine import AsyncEngine
-    from gptserve.engine.outputs import EngineStats
+    from gptserve.engine.outputs import EngineStats, FinishReason, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +85,36 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """One engine request's latencies and finish reasons, recorded as its outputs arrive."""
+
+    def __init__(self, metrics: ServerMetrics, n: int):
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.last_token_time: float | None = None
+        self.unfinished = set(range(n))  # choice indexes
+
+    def record(self, out: "RequestOutput") -> None:
+        now, m = time.monotonic(), self.metrics
+        new_tokens = max((len(c.token_ids) for c in out.choices), default=0)  # per choice, this step
+        if new_tokens and self.last_token_time is None:
+            m.time_to_first_token.observe(now - self.arrival)
+        elif new_tokens:
+            for _ in range(new_tokens):
+                m.inter_token_latency.observe((now - self.last_token_time) / new_tokens)
+        if new_tokens:
+            self.last_token_time = now
+        for choice in out.choices:
+            if choice.finish_reason is not None:
+                m.sequences_finished.labels(choice.finish_reason.value).inc()
+                self.unfinished.discard(choice.index)
+        if out.finished:
+            m.e2e_request_latency.observe(now - self.arrival)
+
+    def record_cut(self, reason: "FinishReason") -> None:
+        """The request ended without the engine's word (client gone, or failed)."""
+        if self.unfinished:
+            self.metrics.sequences_finished.labels(reason.value).inc(len(self.unfinished))
+            self.unfinished.clear()

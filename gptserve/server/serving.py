@@ -28,8 +28,8 @@ from gptserve.server.chat_template import ChatTemplate
 from gptserve.server.errors import (ClientDisconnected, ContextLengthExceededError, EngineFailedError,
                                     InvalidRequestError, ModelNotFoundError, NotReadyError, QueueFullError,
                                     error_body, from_exception)
-from gptserve.server.metrics import ServerMetrics
-from gptserve.server.protocol import ChatMessage, SamplingRequest, Usage, PromptTokensDetails
+from gptserve.server.metrics import RequestTracker, ServerMetrics
+from gptserve.server.protocol import ChatMessage, PromptTokensDetails, SamplingRequest, Usage
 
 if TYPE_CHECKING:
     from gptserve.engine.async_engine import AsyncEngine
@@ -114,9 +114,12 @@ class ServingContext:
             raise InvalidRequestError(f"at most {self.config.max_messages} messages are allowed, got {len(messages)}",
                                       param="messages")
         text = self.chat_template.render(messages, add_generation_prompt)
-        # the template's own eos_token is the special token (as in transformers); the rest is plain text
-        eos, ids = self.chat_template.eos_token, []
-        for i, part in enumerate(text.split(eos)):
+        if not self.chat_template.uses_eos_token:
+            return self.tokenizer.encode(text)  # a literal <|endoftext|> in a message stays text
+        # a template that writes eos_token means the special token (as with transformers,
+        # the same text inside a message then is one too)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(self.chat_template.eos_token)):
             if i:
                 ids.append(self.tokenizer.eos_token_id)
             ids.extend(self.tokenizer.encode(part))
@@ -190,27 +193,12 @@ class Generation:
 
     async def _run(self, prompt_index: int, prompt_ids: list[int]) -> None:
         request_id = self.engine_request_id(prompt_index)
-        metrics, arrival = self.ctx.metrics, time.monotonic()
-        last_token_time, finished = None, False
-        unfinished_choices, end_reason = set(range(self.params.n)), FinishReason.ABORT
+        tracker = RequestTracker(self.ctx.metrics, self.params.n)
+        finished, end_reason = False, FinishReason.ABORT
         try:
             async for out in self.ctx.engine.generate(prompt_ids, self.params, request_id):
-                now = time.monotonic()
-                new_tokens = max((len(c.token_ids) for c in out.choices), default=0)
-                if new_tokens:
-                    if last_token_time is None:
-                        metrics.time_to_first_token.observe(now - arrival)
-                    else:
-                        for _ in range(new_tokens):
-                            metrics.inter_token_latency.observe((now - last_token_time) / new_tokens)
-                    last_token_time = now
-                for choice in out.choices:
-                    if choice.finish_reason is not None:
-                        metrics.sequences_finished.labels(choice.finish_reason.value).inc()
-                        unfinished_choices.discard(choice.index)
-                if out.finished:
-                    finished = True
-                    metrics.e2e_request_latency.observe(now - arrival)
+                tracker.record(out)
+                finished = out.finished
                 self._queue.put_nowait((prompt_index, out))
             self._queue.put_nowait((prompt_index, _END))
         except asyncio.CancelledError:
@@ -221,8 +209,7 @@ class Generation:
         finally:
             if not finished:  # the client went away, or the request failed
                 self.ctx.engine.abort(request_id)
-                if unfinished_choices:
-                    metrics.sequences_finished.labels(end_reason.value).inc(len(unfinished_choices))
+                tracker.record_cut(end_reason)
 
     async def _next(self) -> tuple[int, RequestOutput] | None:
         while self._num_open:

@@ -87,3 +87,9 @@ def test_server_uses_the_chat_template_file(launch, tmp_path):
         body = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
     assert body["tokens"][0] == 50256  # the template's eos_token is the special token
     assert "".join(body["token_strs"]) == EOS + "Hi"
+
+
+def test_endoftext_written_in_a_message_stays_text(http: httpx.Client):
+    body = http.post("/tokenize", json={"messages": [{"role": "user", "content": EOS}]}).json()
+    assert 50256 not in body["tokens"]
+    assert EOS in "".join(body["token_strs"])
