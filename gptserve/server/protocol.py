@@ -111,7 +111,7 @@ class SamplingRequest(OpenAIModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # an int64, as OpenAI's
     user: str | None = None
     top_k: int | None = None  # ours; 0 or -1: off
     min_p: float | None = None  # ours

@@ -67,3 +67,20 @@ def test_detokenize_inverts_tokenize(http: httpx.Client):
 def test_tokenize_needs_exactly_one_input(http: httpx.Client):
     assert http.post("/tokenize", json={}).status_code == 400
     assert http.post("/tokenize", json={"prompt": "a", "messages": []}).status_code == 400
+
+
+def test_cors_is_off_by_default(http: httpx.Client):
+    response = http.get("/v1/models", headers={"Origin": "http://example.com"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_cors_allows_the_configured_origins(launch):
+    running = launch(cors_allow_origins=["http://example.com"])
+    preflight = {"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    with running.http() as http:
+        response = http.options("/v1/chat/completions", headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "http://example.com"
+        other = http.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert other.headers.get("access-control-allow-origin") != "http://evil.example"

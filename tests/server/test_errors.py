@@ -120,6 +120,7 @@ def test_completion_suffix_is_400(http: httpx.Client):
     ({"stop": [str(i) for i in range(20)]}, "stop"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"top_k": -5}, "top_k"),
+    ({"seed": 2**64}, "seed"),
     ({"min_p": 2}, "min_p"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
 ])
