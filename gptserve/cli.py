@@ -160,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     from gptserve.engine.placement import PlacementError
     from gptserve.engine.sampling_params import InvalidSamplingParams
     from gptserve.model.tokenizer import TokenizerError
+    from gptserve.server.chat_template import ChatTemplateError
     from gptserve.weights.loader import CheckpointError
 
     try:
         return args.func(args)
-    except (CheckpointError, TokenizerError, PlacementError, InvalidSamplingParams, EngineError) as e:
+    except (CheckpointError, TokenizerError, PlacementError, InvalidSamplingParams, EngineError,
+            ChatTemplateError) as e:
         print(f"gptserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
