@@ -1,0 +1,52 @@
+"""Device, dtype and KV-pool sizing decisions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptserve.engine.placement import (PlacementError, kv_cache_bytes, parse_bytes, resolve_device,
+                                       resolve_dtype)
+
+
+def test_auto_is_float32_on_the_cpu_and_names_are_understood():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) is torch.float32
+    assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert resolve_dtype("fp16", cpu) is torch.float16
+    with pytest.raises(PlacementError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8", cpu)
+
+
+def test_devices_are_checked_before_use():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(PlacementError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(PlacementError, match="no CUDA GPU"):
+            resolve_device("cuda:1")
+
+
+def test_sizes_read_as_people_write_them():
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("512M") == 512 * 2**20
+    assert parse_bytes("1000") == 1000
+    with pytest.raises(PlacementError):
+        parse_bytes("lots")
+
+
+def test_the_kv_budget_is_as_asked_or_a_cpu_default():
+    cpu = torch.device("cpu")
+    assert kv_cache_bytes(cpu, 12345, 0.9, 10**9) == 12345
+    assert kv_cache_bytes(cpu, None, 0.9, 10**9) == 2 * 2**30
+
+
+def test_engine_pool_has_the_blocks_the_budget_buys(tiny_checkpoint):
+    from gptserve.config import EngineConfig
+    from gptserve.engine.llm_engine import LLMEngine
+
+    # tiny model: 2 layers x (K, V) x 16 tokens x 64 dims x 4 bytes = 16 KiB a block
+    engine = LLMEngine(str(tiny_checkpoint), EngineConfig(kv_cache_memory=101 * 16 * 1024, block_size=16))
+    assert engine.block_manager.num_blocks == 100  # one more is the pool's scratch block
+    assert engine.pool.kv.shape == (2, 2, 101, 16, 4, 16)
+    assert engine.pool.kv.dtype is torch.float32 and engine.pool.kv.device.type == "cpu"
