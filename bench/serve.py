@@ -212,15 +212,22 @@ async def run_benchmark(args: argparse.Namespace, specs: list[RequestSpec]) -> t
             bar.update(1)
             return r
 
+        deadline = t0 + args.max_duration if args.max_duration else float("inf")
         tasks = []
         for spec in specs:
+            if time.perf_counter() >= deadline:
+                break
             tasks.append(asyncio.create_task(one(spec)))
             if args.request_rate and args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))  # Poisson arrivals
-        results = await asyncio.gather(*tasks)
+        timeout = None if deadline == float("inf") else max(0.0, deadline - time.perf_counter())
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:  # past --max-duration: dropped, counted as cancelled
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - t0
     bar.close()
-    return list(results), duration
+    return [t.result() for t in tasks if not t.cancelled()], duration
 
 
 def progress_bar(total: int, disable: bool):
@@ -252,7 +259,7 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict:
             "p99": pct(99) * scale}
 
 
-def summarize(results: list[RequestResult], duration: float) -> dict:
+def summarize(results: list[RequestResult], duration: float, num_requests: int) -> dict:
     done = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum((r.prompt_tokens if r.prompt_tokens is not None else r.prompt_len or 0) for r in done)
@@ -265,6 +272,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
         "duration_s": duration,
         "completed": len(done),
         "failed": len(results) - len(done),
+        "cancelled": num_requests - len(results),  # past --max-duration
         "errors": errors,
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
@@ -288,6 +296,7 @@ def print_report(s: dict) -> None:
     line = "-" * 50
     print(f"{' Serving benchmark ':=^50}")
     rows = [("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
+            ("Cancelled (past --max-duration)", s["cancelled"]),
             ("Benchmark duration (s)", f"{s['duration_s']:.2f}"),
             ("Total input tokens", s["total_input_tokens"]), ("Total output tokens", s["total_output_tokens"]),
             ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
@@ -343,6 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eos-logit-bias", action="store_true", help="also send logit_bias {50256: -100}")
     p.add_argument("--extra-body", type=json.loads, default={}, help="JSON merged into every request body")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests before the run")
+    p.add_argument("--max-duration", type=float, default=None,
+                   help="seconds: start no request after this, cancel those still running")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--result-file", type=Path, default=None, help="write the summary (and config) as JSON")
     p.add_argument("--save-requests", action="store_true", help="include every request's result in the JSON")
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         specs = jsonl_workload(Path(args.dataset), args.num_requests, args.endpoint, args.output_len)
     results, duration = asyncio.run(run_benchmark(args, specs))
-    summary = summarize(results, duration)
+    summary = summarize(results, duration, len(specs))
     print_report(summary)
     if args.result_file:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"}

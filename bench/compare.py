@@ -1,0 +1,398 @@
+"""Serving comparison: gptserve vs llama.cpp's server vs a naive transformers server.
+
+One run reproduces it all: makes a random-weight GPT-2 small checkpoint (seed 0,
+float32) and its GGUF F32 twin (llama.cpp's own converter), then for each server:
+starts it on 127.0.0.1, waits until it answers, runs bench/serve.py at each concurrency
+(same synthetic workload, ignore_eos, streamed /v1/completions), stops it. Writes
+`serving.json`, `throughput.png`, `p99_latency.png` and `serving.md` (the table, with
+ratios vs llama.cpp and vs the naive baseline) to --out.
+
+Build the llama.cpp peer first (minutes): bench/build_llamacpp.sh
+
+    python bench/compare.py               # full: concurrency 1, 4, 16, 64 -> bench/results/
+    python bench/compare.py --quick       # smoke: tiny workload, concurrency 1 and 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+PEER_TITLES = {"gptserve": "gptserve", "llamacpp": "llama.cpp", "hf": "naive HF"}
+
+
+@dataclass
+class Peer:
+    name: str  # gptserve | llamacpp | hf
+    impl: str  # what actually runs, e.g. "llama-server" or "llama-cpp-python"
+    command: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- model files
+
+def make_checkpoint(work: Path) -> Path:
+    """Random GPT-2 small (torch.manual_seed(0), float32) in HF layout, with our vocab."""
+    from offline import make_checkpoint as make  # bench/offline.py: the shared recipe
+
+    folder = work / "gpt2-random"
+    if not (folder / "model.safetensors").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        make("gpt2", folder)
+    return folder
+
+
+def make_gguf(checkpoint: Path, llamacpp_src: Path, work: Path) -> Path:
+    """GGUF F32 through llama.cpp's own convert_hf_to_gguf.py (its vendored gguf-py)."""
+    gguf = work / "gpt2-random-f32.gguf"
+    if not gguf.exists() or gguf.stat().st_mtime < (checkpoint / "model.safetensors").stat().st_mtime:
+        convert = llamacpp_src / "convert_hf_to_gguf.py"
+        run([sys.executable, str(convert), str(checkpoint), "--outtype", "f32", "--outfile", str(gguf)],
+            work / "convert.log")
+    return gguf
+
+
+def run(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+
+
+# ---------------------------------------------------------------- servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peers(args: argparse.Namespace, checkpoint: Path, gguf: Path | None) -> list[Peer]:
+    threads = str(args.threads)
+    # torch's pools and llama.cpp's -t get the same core count
+    torch_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    out = []
+    for name in args.peers:
+        port = free_port()
+        host = ["--host", "127.0.0.1", "--port", str(port)]
+        if name == "gptserve":
+            cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint), "--dtype", "float32",
+                   "--device", "cpu", "--max-num-seqs", str(max(64, max(args.concurrency))), *host]
+            out.append(Peer(name, "gptserve", cmd, port, torch_env))
+        elif name == "hf":
+            cmd = [sys.executable, str(BENCH / "hf_server.py"), "--model", str(checkpoint), "--threads", threads, *host]
+            out.append(Peer(name, "transformers, one request at a time", cmd, port, torch_env))
+        elif name == "llamacpp":
+            binary = args.llamacpp_dir / "build" / "bin" / "llama-server"
+            slots = max(args.concurrency)
+            if binary.exists() and not args.llama_cpp_python:
+                # one slot per client, one unified KV pool (f32, as our dtype) shared by all slots
+                cmd = [str(binary), "-m", str(gguf), *host, "-t", threads, "-tb", threads,
+                       "-np", str(slots), "-kvu", "-c", str(args.llama_ctx), "-cb",
+                       "-ctk", "f32", "-ctv", "f32", "--no-webui", "-a", "gpt2-random"]
+                out.append(Peer(name, f"llama-server, {slots} slots", cmd, port))
+            else:
+                # llama-cpp-python's server runs one request at a time
+                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), *host, "--n_ctx", "1024",
+                       "--n_threads", threads, "--n_threads_batch", threads, "--model_alias", "gpt2-random"]
+                out.append(Peer(name, "llama-cpp-python server, serialised", cmd, port))
+        else:
+            raise SystemExit(f"unknown peer {name!r}")
+    return out
+
+
+class Server:
+    """A peer's process in its own process group: started on enter, always stopped on exit."""
+
+    def __init__(self, peer: Peer, log: Path):
+        self.peer, self.log = peer, log
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.peer.env}
+        with open(self.log, "w") as f:
+            f.write(" ".join(self.peer.command) + "\n")
+            f.flush()
+            self.proc = subprocess.Popen(self.peer.command, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                         cwd=ROOT, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        base = f"http://127.0.0.1:{self.peer.port}"
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.peer.name} exited ({self.proc.returncode}); see {self.log}")
+            try:  # llama-server answers 503 while loading
+                if httpx.get(base + "/v1/models", timeout=5, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.peer.name} not ready after {timeout:.0f}s; see {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+# ---------------------------------------------------------------- one level
+
+def num_requests(args: argparse.Namespace, concurrency: int) -> int:
+    """At least `--waves` requests per client, and at least --min-requests."""
+    return max(args.min_requests, args.waves * concurrency)
+
+
+def bench_level(args: argparse.Namespace, peer: Peer, concurrency: int, raw: Path) -> dict:
+    result = raw / f"{peer.name}_c{concurrency}.json"
+    cmd = [sys.executable, str(BENCH / "serve.py"), "--base-url", f"http://127.0.0.1:{peer.port}",
+           "--endpoint", "completions", "--concurrency", str(concurrency),
+           "--num-requests", str(num_requests(args, concurrency)), "--input-len", str(args.input_len),
+           "--output-len", str(args.output_len), "--range-ratio", str(args.range_ratio),
+           "--prompt-format", args.prompt_format, "--seed", str(args.seed), "--warmup", "1",
+           "--max-duration", str(args.max_duration), "--result-file", str(result), "--label", peer.name]
+    if peer.impl.startswith("llama-cpp-python"):
+        cmd.append("--eos-logit-bias")  # it has no ignore_eos
+    load = os.getloadavg()[0]
+    print(f"\n## {PEER_TITLES[peer.name]} ({peer.impl}), concurrency {concurrency}, "
+          f"{num_requests(args, concurrency)} requests, load average {load:.2f}", flush=True)
+    done = subprocess.run(cmd, timeout=args.max_duration + 300)
+    if done.returncode != 0:
+        return {"error": f"serve.py exited {done.returncode}", "load_average_before": load}
+    summary = json.loads(result.read_text())
+    summary.pop("config", None)
+    summary["load_average_before"] = load
+    return summary
+
+
+# ---------------------------------------------------------------- the report
+
+def metric(res: dict, key: str, stat: str | None = None) -> float | None:
+    if "error" in res:
+        return None
+    return res[key][stat] if stat else res[key]
+
+
+def markdown_table(results: dict, levels: list[int]) -> str:
+    head = ("| concurrency | server | output tok/s | req/s | TTFT p50 / p99 (ms) | ITL p50 (ms) | "
+            "E2E p99 (ms) | failed | tok/s vs llama.cpp | tok/s vs naive HF |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def fmt(x: float | None, spec: str = ".0f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    for c in levels:
+        base = {p: metric(results[p].get(str(c), {"error": 1}), "output_throughput")
+                for p in ("llamacpp", "hf") if p in results}
+        for name, by_level in results.items():
+            res = by_level.get(str(c), {"error": "not run"})
+            tput = metric(res, "output_throughput")
+            ratios = []
+            for p in ("llamacpp", "hf"):
+                b = base.get(p)
+                ratios.append(f"{tput / b:.2f}x" if tput and b else "n/a")
+            ttft = f"{fmt(metric(res, 'ttft_ms', 'p50'))} / {fmt(metric(res, 'ttft_ms', 'p99'))}"
+            failed = "n/a" if "error" in res else f"{res['failed'] + res.get('cancelled', 0)}"
+            lines.append(f"| {c} | {PEER_TITLES[name]} | {fmt(tput, '.1f')} | "
+                         f"{fmt(metric(res, 'request_throughput'), '.2f')} | {ttft} | "
+                         f"{fmt(metric(res, 'itl_ms', 'p50'), '.1f')} | {fmt(metric(res, 'e2el_ms', 'p99'))} | "
+                         f"{failed} | {ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
+def plots(results: dict, levels: list[int], out: Path, subtitle: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    sparse = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")  # minor ticks: 2s, 5s
+    subtitle = textwrap.fill(subtitle, 80)
+
+    def concurrency_axis(ax) -> None:
+        ax.set_xscale("log")
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.xaxis.set_minor_locator(NullLocator())
+
+    def series(name: str, key: str, stat: str | None = None):
+        xs, ys = [], []
+        for c in levels:
+            v = metric(results[name].get(str(c), {"error": 1}), key, stat)
+            if v is not None:
+                xs.append(c)
+                ys.append(v)
+        return xs, ys
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name in results:
+        ax.plot(*series(name, "output_throughput"), marker="o", label=PEER_TITLES[name])
+    concurrency_axis(ax)
+    ax.set(xlabel="concurrent requests", ylabel="output tokens/s", title="Output throughput")
+    ax.set_ylim(bottom=0)
+    fig.suptitle(subtitle, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, key, title in ((axes[0], "ttft_ms", "p99 time to first token"),
+                           (axes[1], "e2el_ms", "p99 end-to-end latency")):
+        for name in results:
+            xs, ys = series(name, key, "p99")
+            ax.plot(xs, [y / 1000 for y in ys], marker="o", label=PEER_TITLES[name])
+        concurrency_axis(ax)
+        ax.set(yscale="log", xlabel="concurrent requests", ylabel="seconds", title=title)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(sparse)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(subtitle, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "p99_latency.png", dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def versions(peer_list: list[Peer], args: argparse.Namespace) -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+        info["cpu"] = cpu[0].split(":", 1)[1].strip() if cpu else None
+    except OSError:
+        pass
+    import torch
+    import transformers
+    info["torch"], info["transformers"] = torch.__version__, transformers.__version__
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    info["gptserve_commit"] = git.stdout.strip()
+    binary = args.llamacpp_dir / "build" / "bin" / "llama-server"
+    if binary.exists():
+        v = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+        info["llama_server"] = (v.stdout + v.stderr).strip().splitlines()[-2:]
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 32 in / 16 out tokens, concurrency 1 and 4")
+    p.add_argument("--peers", default="gptserve,llamacpp,hf", type=lambda s: s.split(","))
+    p.add_argument("--concurrency", default=None, type=lambda s: [int(x) for x in s.split(",")],
+                   help="levels (default 1,4,16,64; quick: 1,4)")
+    p.add_argument("--input-len", type=int, default=None, help="mean prompt tokens (default 128; quick 32)")
+    p.add_argument("--output-len", type=int, default=None, help="mean output tokens (default 128; quick 16)")
+    p.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in L*(1±r)")
+    p.add_argument("--prompt-format", choices=["text", "ids"], default="text")
+    p.add_argument("--waves", type=int, default=None, help="requests per client at each level (default 2; quick 1)")
+    p.add_argument("--min-requests", type=int, default=None, help="fewest requests at a level (default 8; quick 2)")
+    p.add_argument("--max-duration", type=float, default=900, help="seconds per level before requests are cut")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every server")
+    p.add_argument("--llamacpp-dir", type=Path, default=BENCH / ".llamacpp",
+                   help="where bench/build_llamacpp.sh built llama.cpp")
+    p.add_argument("--llama-cpp-python", action="store_true", help="use llama-cpp-python's server for llama.cpp")
+    p.add_argument("--llama-ctx", type=int, default=32768, help="llama-server's shared KV pool, in tokens")
+    p.add_argument("--work", type=Path, default=BENCH / ".work", help="checkpoint, GGUF, logs, raw results")
+    p.add_argument("--out", type=Path, default=None, help="default bench/results (quick: bench/results/quick)")
+    p.add_argument("--ready-timeout", type=float, default=300)
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.concurrency = args.concurrency or ([1, 4] if quick else [1, 4, 16, 64])
+    args.input_len = args.input_len or (32 if quick else 128)
+    args.output_len = args.output_len or (16 if quick else 128)
+    args.waves = args.waves or (1 if quick else 2)
+    args.min_requests = args.min_requests or (2 if quick else 8)
+    args.out = args.out or (BENCH / "results" / ("quick" if quick else ""))
+    return args
+
+
+def interrupted(signum: int, frame) -> None:
+    """A SIGTERM (e.g. from `timeout`) unwinds through the `with Server` blocks, as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupted)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw, logs = args.work / "raw", args.work / "logs"
+    raw.mkdir(exist_ok=True)
+    checkpoint = make_checkpoint(args.work)
+    gguf = None
+    if "llamacpp" in args.peers:
+        src = args.llamacpp_dir / "src"
+        if not (src / "convert_hf_to_gguf.py").exists():
+            raise SystemExit(f"no llama.cpp in {args.llamacpp_dir}: run bench/build_llamacpp.sh first "
+                             "(or --peers gptserve,hf)")
+        gguf = make_gguf(checkpoint, src, args.work)
+    peer_list = peers(args, checkpoint, gguf)
+
+    results: dict[str, dict] = {}
+    started = time.time()
+    for peer in peer_list:
+        results[peer.name] = {}
+        try:
+            with Server(peer, logs / f"{peer.name}.log") as server:
+                server.wait_ready(args.ready_timeout)
+                for c in args.concurrency:
+                    results[peer.name][str(c)] = bench_level(args, peer, c, raw)
+        except RuntimeError as exc:  # one peer failing doesn't lose the others
+            print(f"!! {peer.name}: {exc}", file=sys.stderr)
+            results[peer.name]["error"] = str(exc)
+
+    workload = (f"GPT-2 small, random weights, float32, {args.threads} threads; prompts {args.input_len}±"
+                f"{args.range_ratio:.0%}, outputs {args.output_len}±{args.range_ratio:.0%} tokens (ignore_eos)")
+    record = {
+        "workload": workload,
+        "quick": args.quick,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "seconds": time.time() - started,
+        "versions": versions(peer_list, args),
+        "servers": {p.name: {"impl": p.impl, "command": p.command} for p in peer_list},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": results,
+    }
+    (args.out / "serving.json").write_text(json.dumps(record, indent=2))
+    table = markdown_table(results, args.concurrency)
+    (args.out / "serving.md").write_text(f"{workload}\n\n{table}\n")
+    plots(results, args.concurrency, args.out, workload + (" [quick smoke run]" if args.quick else ""))
+    print(f"\n{workload}{' [quick smoke run]' if args.quick else ''}\n\n{table}\n")
+    print(f"wrote {args.out}/serving.json, serving.md, throughput.png, p99_latency.png "
+          f"in {time.time() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
