@@ -56,6 +56,12 @@ def make_checkpoint(work: Path) -> Path:
     if not (folder / "model.safetensors").exists():
         folder.mkdir(parents=True, exist_ok=True)
         make("gpt2", folder)
+    # transformers 5 no longer writes n_ctx; the Hub's gpt2 config.json has it and
+    # llama.cpp's converter reads it
+    config = json.loads((folder / "config.json").read_text())
+    if "n_ctx" not in config:
+        config["n_ctx"] = config["n_positions"]
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
