@@ -2,17 +2,20 @@
 
 The lifespan starts and stops the engine; the API key is a dependency of the API
 router; bodies over `max_body_bytes` are refused with 413 before anyone parses them;
-CORS is off unless origins are configured.
+CORS is off unless origins are configured. GET / is the playground page (static/).
 """
 from __future__ import annotations
 
 import hmac
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +23,7 @@ from gptserve.config import ServerConfig
 from gptserve.server import routes
 from gptserve.server.chat_template import ChatTemplate
 from gptserve.server.errors import AuthenticationError, RequestTooLargeError, error_response, install_error_handlers
+from gptserve.server.inspect import router as inspect_router
 from gptserve.server.metrics import ServerMetrics
 from gptserve.server.serving import ServingContext
 from gptserve.server.serving_chat import ServingChat
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     from gptserve.engine.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def require_api_key(request: Request) -> None:
@@ -41,6 +46,10 @@ def require_api_key(request: Request) -> None:
         raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise AuthenticationError("Incorrect API key provided.")
+
+
+async def playground() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html")
 
 
 class BodySizeLimit:
@@ -92,6 +101,9 @@ def build_app(engine: "AsyncEngine", server_config: ServerConfig | None = None) 
     install_error_handlers(app)
     app.include_router(routes.public_router)
     app.include_router(routes.api_router, dependencies=[Depends(require_api_key)])
+    app.include_router(inspect_router, dependencies=[Depends(require_api_key)])
+    app.add_api_route("/", playground, include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     if config.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origins),

@@ -1,0 +1,104 @@
+"""POST /v1/inspect: how the serving model reads a prompt, for the playground's inspect view.
+
+The serving model itself runs the prompt once with a recording attention backend
+(`engine.inspect`, no second model implementation); the answer is every layer's and
+head's attention weights over the prompt's tokens and the most likely next tokens. The
+prompt is capped at what a heatmap can show (MAX_INSPECT_TOKENS); the run takes one of
+the server's queue slots, like a generation, so inspection can't crowd out serving.
+"""
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import Field
+
+from gptserve.server.errors import InvalidRequestError, QueueFullError
+from gptserve.server.protocol import OpenAIModel
+from gptserve.server.serving import ServingContext, cancel_on_disconnect
+
+MAX_INSPECT_TOKENS = 128  # a 128 x 128 heatmap still has a few pixels per cell
+MAX_TOP_K = 20
+ROUND_DECIMALS = 4
+
+router = APIRouter()
+
+
+class InspectRequest(OpenAIModel):  # ours
+    prompt: str
+    model: str | None = None
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K)  # how many next tokens to return
+
+
+class NextToken(OpenAIModel):
+    id: int
+    token: str
+    prob: float
+
+
+class InspectResponse(OpenAIModel):
+    object: str = "inspection"
+    model: str
+    tokens: list[int]
+    token_strs: list[str]
+    n_layer: int
+    n_head: int
+    attention: list[list[list[list[float]]]]  # [layer][head][query][key], rows sum to 1
+    top_next_tokens: list[NextToken]  # most likely first
+
+
+@contextmanager
+def queue_slot(ctx: ServingContext) -> Iterator[None]:
+    """One of the server's --max-queued-requests slots for the time of the run (429 when none)."""
+    limit = ctx.config.max_queued_requests
+    if ctx.num_in_flight >= limit:
+        ctx.metrics.requests_rejected.inc()
+        raise QueueFullError(f"The server already has {ctx.num_in_flight} requests in flight, its limit is "
+                             f"{limit} (--max-queued-requests). Retry later.")
+    ctx.num_in_flight += 1
+    try:
+        yield
+    finally:
+        ctx.num_in_flight -= 1
+
+
+def prompt_ids(ctx: ServingContext, prompt: str) -> list[int]:
+    ids = ctx.tokenizer.encode(prompt)
+    limit = min(MAX_INSPECT_TOKENS, ctx.max_model_len)
+    if not ids:
+        raise InvalidRequestError("The prompt is empty: inspection needs at least one token.", param="prompt")
+    if len(ids) > limit:
+        raise InvalidRequestError(f"Inspection draws at most {limit} prompt tokens; this prompt has {len(ids)}. "
+                                  "Please shorten the prompt.", param="prompt")
+    return ids
+
+
+def as_lists(weights: dict[int, torch.Tensor], logits: torch.Tensor, top_k: int
+             ) -> tuple[list, list[tuple[int, float]]]:
+    """The engine's tensors as JSON-ready lists: attention [layer][head][T][T] rounded,
+    and the top_k next tokens as (id, probability)."""
+    # float64 before rounding, so that 0.4965 is written as 0.4965, not 0.4964999854564667
+    attention = [weights[layer].double().round(decimals=ROUND_DECIMALS).tolist() for layer in sorted(weights)]
+    probs, ids = logits.float().softmax(-1).topk(top_k)
+    return attention, list(zip(ids.tolist(), probs.tolist()))
+
+
+@router.post("/v1/inspect")
+async def inspect_prompt(body: InspectRequest, request: Request) -> Response:
+    ctx: ServingContext = request.app.state.serving
+    ctx.check_model(body.model)
+    ctx.check_ready()
+    ids = prompt_ids(ctx, body.prompt)
+    with queue_slot(ctx):
+        weights, logits = await cancel_on_disconnect(request, ctx.engine.inspect(ids))
+        attention, top = await asyncio.to_thread(as_lists, weights, logits, body.top_k)
+    config = ctx.engine.model_config
+    answer = InspectResponse(
+        model=ctx.served_model_name, tokens=ids, token_strs=[ctx.tokenizer.token_str(t) for t in ids],
+        n_layer=config.n_layer, n_head=config.n_head, attention=attention,
+        top_next_tokens=[NextToken(id=t, token=ctx.tokenizer.token_str(t), prob=p) for t, p in top])
+    return Response(answer.model_dump_json(), media_type="application/json")
