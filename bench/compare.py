@@ -112,12 +112,14 @@ def peers(args: argparse.Namespace, checkpoint: Path, gguf: Path | None) -> list
                 # one slot per client, one unified KV pool (f32, as our dtype) shared by all slots
                 cmd = [str(binary), "-m", str(gguf), *host, "-t", threads, "-tb", threads,
                        "-np", str(slots), "-kvu", "-c", str(args.llama_ctx), "-cb",
-                       "-ctk", "f32", "-ctv", "f32", "--no-webui", "-a", "gpt2-random"]
+                       "-ctk", "f32", "-ctv", "f32", "--no-webui", "-a", "gpt2-random", *args.llama_args.split()]
                 out.append(Peer(name, f"llama-server, {slots} slots", cmd, port))
             else:
-                # llama-cpp-python's server runs one request at a time
+                # llama-cpp-python's server runs one request at a time; by default a waiting
+                # request cuts the running stream short, hence --interrupt_requests False
                 cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), *host, "--n_ctx", "1024",
-                       "--n_threads", threads, "--n_threads_batch", threads, "--model_alias", "gpt2-random"]
+                       "--n_threads", threads, "--n_threads_batch", threads, "--model_alias", "gpt2-random",
+                       "--interrupt_requests", "False"]
                 out.append(Peer(name, "llama-cpp-python server, serialised", cmd, port))
         else:
             raise SystemExit(f"unknown peer {name!r}")
@@ -330,6 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where bench/build_llamacpp.sh built llama.cpp")
     p.add_argument("--llama-cpp-python", action="store_true", help="use llama-cpp-python's server for llama.cpp")
     p.add_argument("--llama-ctx", type=int, default=32768, help="llama-server's shared KV pool, in tokens")
+    p.add_argument("--llama-args", default="", help="extra llama-server flags, e.g. '--poll 0'")
     p.add_argument("--work", type=Path, default=BENCH / ".work", help="checkpoint, GGUF, logs, raw results")
     p.add_argument("--out", type=Path, default=None, help="default bench/results (quick: bench/results/quick)")
     p.add_argument("--ready-timeout", type=float, default=300)

@@ -196,7 +196,9 @@ async def run_benchmark(args: argparse.Namespace, specs: list[RequestSpec]) -> t
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits, headers=headers,
                                  trust_env=False) as client:
         for _ in range(args.warmup):
-            warm = await send_request(client, url, args, RequestSpec(specs[0].prompt, None, 4), time.perf_counter())
+            # a prompt of its own, so no measured request starts from a warm prefix cache
+            prompt = [{"role": "user", "content": " warm up"}] if args.endpoint == "chat" else " warm up"
+            warm = await send_request(client, url, args, RequestSpec(prompt, None, 4), time.perf_counter())
             if not warm.ok:
                 raise SystemExit(f"warm-up request failed: {warm.error}")
         limit = asyncio.Semaphore(args.concurrency) if args.concurrency else None
