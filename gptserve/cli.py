@@ -100,14 +100,52 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_args(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests in flight before new ones get 429")
+    p.add_argument("--cors-allow-origin", action="append", default=None,
+                   help="allow this origin (repeatable); CORS is off by default")
+    p.add_argument("--stream-send-timeout", type=float, default=d.stream_send_timeout,
+                   help="seconds a stream waits on a client that stopped reading before it is cut "
+                        "and its request aborted")
+    limits = p.add_argument_group("request limits", "a request over one is refused with 400 (413 for the body), "
+                                                    "the message naming the limit")
+    limits.add_argument("--max-body-bytes", default=str(d.max_body_bytes),
+                        help=f"largest request body, e.g. 2MiB (default: {d.max_body_bytes})")
+    limits.add_argument("--max-messages", type=int, default=d.max_messages, help="most messages in a chat request")
+    limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
+                        help="largest max_tokens; also caps a request that gives none")
+    limits.add_argument("--max-n", type=int, default=d.max_n, help="most choices (n) per request")
+    limits.add_argument("--max-top-logprobs", type=int, default=d.max_top_logprobs,
+                        help="most alternatives per token (top_logprobs, or completions' logprobs)")
+    limits.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings, help="most stop strings")
+    limits.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
+                        help="longest stop string, in characters")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    from gptserve.engine.placement import parse_bytes
+
+    return ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                        served_model_name=args.served_model_name, chat_template=args.chat_template,
+                        max_queued_requests=args.max_queued_requests,
+                        cors_allow_origins=args.cors_allow_origin or [],
+                        max_body_bytes=parse_bytes(args.max_body_bytes), max_messages=args.max_messages,
+                        max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
+                        max_top_logprobs=args.max_top_logprobs, max_stop_strings=args.max_stop_strings,
+                        max_stop_length=args.max_stop_length, stream_send_timeout=args.stream_send_timeout)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gptserve.server.serve import run_server
 
-    server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                          served_model_name=args.served_model_name, chat_template=args.chat_template,
-                          max_queued_requests=args.max_queued_requests,
-                          cors_allow_origins=args.cors_allow_origin or [])
-    run_server(args.model, engine_config(args), server)
+    run_server(args.model, engine_config(args), server_config(args))
     return 0
 
 
@@ -123,15 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve /v1/chat/completions, /v1/completions and friends.")
     _engine_args(serve)
     _serving_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--served-model-name", default=None, help="the model name clients send")
-    serve.add_argument("--chat-template", default=None, help="a Jinja chat template file")
-    serve.add_argument("--max-queued-requests", type=int, default=ServerConfig().max_queued_requests,
-                       help="requests in flight before new ones get 429")
-    serve.add_argument("--cors-allow-origin", action="append", default=None,
-                       help="allow this origin (repeatable); CORS is off by default")
+    _server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="complete a prompt on the command line",

@@ -116,3 +116,4 @@ class ServerConfig:
     max_top_logprobs: int = 20
     max_stop_strings: int = 8
     max_stop_length: int = 256
+    stream_send_timeout: float = 60.0  # seconds a stream waits on a client that stopped reading

@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gptserve.config import ServerConfig
 from gptserve.server import routes
 from gptserve.server.chat_template import ChatTemplate
-from gptserve.server.errors import AuthenticationError, RequestTooLargeError, error_response, install_error_handlers
+from gptserve.server.errors import (AuthenticationError, RequestTooLargeError, error_response, error_responses,
+                                    install_error_handlers)
 from gptserve.server.inspect import router as inspect_router
 from gptserve.server.metrics import ServerMetrics
 from gptserve.server.serving import ServingContext
@@ -59,7 +60,8 @@ class BodySizeLimit:
         self.app, self.max_bytes = app, max_bytes
 
     def _too_large(self) -> RequestTooLargeError:
-        return RequestTooLargeError(f"The request body is larger than this server's limit of {self.max_bytes} bytes.")
+        return RequestTooLargeError(f"The request body is larger than this server's limit of {self.max_bytes} bytes "
+                                    "(--max-body-bytes).")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,8 +102,9 @@ def build_app(engine: "AsyncEngine", server_config: ServerConfig | None = None) 
     app.state.completion = ServingCompletion(ctx)
     install_error_handlers(app)
     app.include_router(routes.public_router)
-    app.include_router(routes.api_router, dependencies=[Depends(require_api_key)])
-    app.include_router(inspect_router, dependencies=[Depends(require_api_key)])
+    keyed = [Depends(require_api_key)]
+    app.include_router(routes.api_router, dependencies=keyed, responses=error_responses(401))
+    app.include_router(inspect_router, dependencies=keyed, responses=error_responses(401, 404, 429, 503))
     app.add_api_route("/", playground, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)

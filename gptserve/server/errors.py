@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptserve.engine.outputs import EngineDeadError, InvalidPromptError, PromptTooLongError, RequestFailedError
 from gptserve.engine.sampling_params import InvalidSamplingParams
-from gptserve.server.protocol import INVALID, UNSUPPORTED
+from gptserve.server.protocol import INVALID, UNSUPPORTED, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,23 @@ class ClientDisconnected(APIError):
 
     def __init__(self) -> None:
         super().__init__("the client closed the connection")
+
+
+# what each error status means, for the OpenAPI document
+ERROR_STATUSES = {
+    400: "Invalid request: a malformed body, a value out of range, a limit of this server, too long for the context",
+    401: "Missing or wrong API key",
+    404: "Unknown model or URL",
+    413: "Request body larger than --max-body-bytes",
+    429: "Too many requests in flight (--max-queued-requests)",
+    500: "The engine failed this request; the message carries the request id",
+    503: "Not ready, or shutting down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` entries for these error statuses, each with OpenAI's error body."""
+    return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
@@ -187,3 +204,33 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(kind, on_exception)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    document_validation_errors(app)
+
+
+def document_validation_errors(app: FastAPI) -> None:
+    """The OpenAPI document says what the handlers above do: where FastAPI would promise a
+    422 (an operation with a body or parameters) it is a 400 in OpenAI's shape, and a
+    body can be refused with 413."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            error_schema = {"$ref": "#/components/schemas/ErrorResponse"}
+            for operation in (op for path in schema["paths"].values() for op in path.values()):
+                responses = operation["responses"]
+                if responses.pop("422", None) is None:
+                    continue
+                statuses = (400, 413) if "requestBody" in operation else (400,)
+                for status in statuses:
+                    responses.setdefault(str(status), {"description": ERROR_STATUSES[status],
+                                                       "content": {"application/json": {"schema": error_schema}}})
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            if "ErrorResponse" not in components:
+                error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(error.pop("$defs", {}), ErrorResponse=error)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

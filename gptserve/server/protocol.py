@@ -35,6 +35,24 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class OpenAIRequest(OpenAIModel):
+    """A request body, typed as strictly as OpenAI's: "16" is not 16, and false is not 0
+    (a completions request with logprobs=false wants none, not zero alternatives)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def documented(default: Any = None, **schema: Any) -> Any:
+    """A field whose range or shape the OpenAPI document states, so that clients and fuzzers
+    see it; the check itself stays in code (SamplingParams, the validators here), which words
+    the error and names the field."""
+    return Field(default, json_schema_extra=schema)
+
+
+def nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 def now() -> int:
     return int(time.time())
 
@@ -44,9 +62,12 @@ def now() -> int:
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
-class ChatMessage(OpenAIModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None  # a string, or a list of text parts
+class ChatMessage(OpenAIRequest):
+    role: str = documented(..., enum=list(CHAT_ROLES))
+    content: str | list[dict[str, Any]] | None = documented(  # a string, or a list of text parts
+        anyOf=[{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
+            "type": "object", "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}])
     name: str | None = None
     tool_calls: Any = None  # refused: no tool calling
 
@@ -94,28 +115,30 @@ class ChatMessage(OpenAIModel):
         return "\n".join(part["text"] for part in self.content)
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(OpenAIRequest):
     include_usage: bool | None = False
 
 
-class SamplingRequest(OpenAIModel):
+class SamplingRequest(OpenAIRequest):
     """What chat and completions requests share: the model and the sampling settings."""
 
     model: str | None = None  # None: the served model
-    n: int | None = 1
-    temperature: float | None = None  # OpenAI's default, 1
-    top_p: float | None = None  # 1
+    n: int | None = documented(1, minimum=1)  # at most --max-n
+    temperature: float | None = documented(minimum=0, maximum=2)  # OpenAI's default, 1
+    top_p: float | None = documented(exclusiveMinimum=0, maximum=1)  # 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    presence_penalty: float | None = documented(0.0, minimum=-2, maximum=2)
+    frequency_penalty: float | None = documented(0.0, minimum=-2, maximum=2)
+    logit_bias: dict[str, float] | None = documented(  # token id (as a string) -> bias
+        **nullable({"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}))
     seed: int | None = Field(None, ge=-2**63, lt=2**63)  # an int64, as OpenAI's
     user: str | None = None
-    top_k: int | None = None  # ours; 0 or -1: off
-    min_p: float | None = None  # ours
-    repetition_penalty: float | None = None  # ours; 1: off
+    top_k: int | None = documented(minimum=-1)  # ours; 0 or -1: off
+    min_p: float | None = documented(minimum=0, maximum=1)  # ours
+    repetition_penalty: float | None = documented(exclusiveMinimum=0, maximum=10)  # ours; 1: off
     ignore_eos: bool | None = False  # ours: generate past <|endoftext|>
 
     @model_validator(mode="after")
@@ -179,25 +202,27 @@ class SamplingRequest(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None  # None: up to the context limit
-    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})  # checked in _coherent
+    max_tokens: int | None = documented(minimum=1)  # None: up to the context limit
+    max_completion_tokens: int | None = documented(minimum=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = documented(minimum=0, maximum=20)  # at most --max-top-logprobs
     # OpenAI features this server can't honour, declared so they are refused by name
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    audio: Any = None
-    modalities: Any = None
-    web_search_options: Any = None
+    # (documented as the values that are accepted)
+    tools: Any = documented(**nullable({"type": "array", "maxItems": 0}))
+    tool_choice: Any = documented(**nullable({"const": "none"}))
+    functions: Any = documented(**nullable({"type": "array", "maxItems": 0}))
+    function_call: Any = documented(**nullable({"const": "none"}))
+    response_format: Any = documented(**nullable({"anyOf": [
+        {"const": "text"}, {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}]}))
+    audio: Any = documented(type="null")
+    modalities: Any = documented(**nullable({"const": ["text"]}))
+    web_search_options: Any = documented(type="null")
 
     @field_validator("tools", "functions")
     @classmethod
     def _no_tools(cls, value: Any, info: Any) -> Any:
-        if value:
+        if value is not None and value != []:
             raise unsupported(f"'{info.field_name}'", "tool and function calling are not supported")
         return value
 
@@ -250,9 +275,9 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingRequest):
     prompt: PromptInput | None = None  # None: "<|endoftext|>", a new document
-    max_tokens: int | None = 16
+    max_tokens: int | None = documented(16, minimum=1)
     echo: bool | None = False
-    logprobs: int | None = None  # the chosen token's logprob and this many alternatives
+    logprobs: int | None = documented(minimum=0, maximum=20)  # the chosen token's logprob and this many alternatives
     suffix: str | None = None  # refused: no insertion
     best_of: int | None = None  # only best_of == n
 
@@ -297,7 +322,7 @@ class CompletionRequest(SamplingRequest):
         return bool(self.echo) and self.logprobs is not None
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(OpenAIRequest):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None  # rendered with the chat template
@@ -310,12 +335,25 @@ class TokenizeRequest(OpenAIModel):
         return self
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(OpenAIRequest):
     model: str | None = None
     tokens: list[int]
 
 
 # --- responses ------------------------------------------------------------------------
+
+
+class ErrorInfo(OpenAIModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorResponse(OpenAIModel):
+    """Every error answer, whatever its status."""
+
+    error: ErrorInfo
 
 
 class PromptTokensDetails(OpenAIModel):

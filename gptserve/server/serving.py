@@ -20,6 +20,8 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from gptserve.config import ServerConfig
 from gptserve.engine.outputs import FinishReason, Logprob, RequestOutput
@@ -74,24 +76,27 @@ class ServingContext:
             raise NotReadyError("The engine is not ready to serve requests.")
 
     def check_limits(self, req: SamplingRequest, max_tokens_param: str, logprobs_param: str) -> None:
+        """The server's own limits (ServerConfig); each message names the flag that sets it."""
         cfg = self.config
         if req.n is not None and req.n > cfg.max_n:
-            raise InvalidRequestError(f"n must be at most {cfg.max_n}, got {req.n}", param="n")
+            raise InvalidRequestError(f"n must be at most {cfg.max_n} on this server (--max-n), got {req.n}",
+                                      param="n")
         max_tokens = req.max_new_tokens()
         if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
-            raise InvalidRequestError(f"{max_tokens_param} must be at most {cfg.max_tokens_limit}, got {max_tokens}",
-                                      param=max_tokens_param)
+            raise InvalidRequestError(f"{max_tokens_param} must be at most {cfg.max_tokens_limit} on this server "
+                                      f"(--max-tokens-limit), got {max_tokens}", param=max_tokens_param)
         logprobs = req.num_logprobs()
         if logprobs is not None and not 0 <= logprobs <= cfg.max_top_logprobs:
-            raise InvalidRequestError(f"{logprobs_param} must be in [0, {cfg.max_top_logprobs}], got {logprobs}",
-                                      param=logprobs_param)
+            raise InvalidRequestError(f"{logprobs_param} must be in [0, {cfg.max_top_logprobs}] on this server "
+                                      f"(--max-top-logprobs), got {logprobs}", param=logprobs_param)
         stops = req.stop_strings
         if len(stops) > cfg.max_stop_strings:
-            raise InvalidRequestError(f"at most {cfg.max_stop_strings} stop strings are allowed, got {len(stops)}",
-                                      param="stop")
-        if any(len(s) > cfg.max_stop_length for s in stops):
-            raise InvalidRequestError(f"stop strings must be at most {cfg.max_stop_length} characters long",
-                                      param="stop")
+            raise InvalidRequestError(f"at most {cfg.max_stop_strings} stop strings are allowed on this server "
+                                      f"(--max-stop-strings), got {len(stops)}", param="stop")
+        longest = max(map(len, stops), default=0)
+        if longest > cfg.max_stop_length:
+            raise InvalidRequestError(f"stop strings must be at most {cfg.max_stop_length} characters long on this "
+                                      f"server (--max-stop-length), got one of {longest}", param="stop")
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
         """OpenAI's wording; the engine checks again (it also knows the KV pool's size)."""
@@ -107,12 +112,19 @@ class ServingContext:
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {param}, {max_tokens} in "
                 f"the completion). Please reduce the length of the {param} or completion.", param=param)
 
+    def cap_max_tokens(self, params: SamplingParams, prompt_lengths: list[int]) -> None:
+        """A request without max_tokens runs to the end of the context, but never past
+        --max-tokens-limit (after check_length: every prompt leaves room)."""
+        rooms = [self.max_model_len - n for n in prompt_lengths]
+        if params.max_tokens is None and max(rooms) > self.config.max_tokens_limit:
+            params.max_tokens = min(self.config.max_tokens_limit, min(rooms))
+
     # --- prompts ---
 
     def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if len(messages) > self.config.max_messages:
-            raise InvalidRequestError(f"at most {self.config.max_messages} messages are allowed, got {len(messages)}",
-                                      param="messages")
+            raise InvalidRequestError(f"at most {self.config.max_messages} messages are allowed on this server "
+                                      f"(--max-messages), got {len(messages)}", param="messages")
         text = self.chat_template.render(messages, add_generation_prompt)
         if not self.chat_template.uses_eos_token:
             return self.tokenizer.encode(text)  # a literal <|endoftext|> in a message stays text
@@ -161,8 +173,9 @@ class ServingContext:
         except BaseException:
             await generation.aclose()
             raise
-        return EventSourceResponse(sse_frames(events(), generation), sep="\n",
-                                   shutdown_grace_period=STREAM_SHUTDOWN_GRACE_S)
+        return EventStream(sse_frames(events(), generation), generation.request_id, sep="\n",
+                           shutdown_grace_period=STREAM_SHUTDOWN_GRACE_S,
+                           send_timeout=self.config.stream_send_timeout)
 
     async def stop_engine(self) -> None:
         """Ends in-flight requests (their streams finish cleanly) and stops the engine; idempotent."""
@@ -347,6 +360,22 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
+
+
+class EventStream(EventSourceResponse):
+    """An SSE answer. A client that stops reading (its socket full) is cut once a send has
+    waited `send_timeout`: closing `sse_frames` aborts its generation and frees its slot."""
+
+    def __init__(self, content: AsyncIterator[str], request_id: str, **kwargs):
+        super().__init__(content, **kwargs)
+        self.request_id = request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.warning("request %s: the client stopped reading its stream for %.0f s; cut", self.request_id,
+                        self.send_timeout)
 
 
 async def sse_frames(events: AsyncIterator[str], generation: Generation) -> AsyncIterator[str]:

@@ -43,6 +43,7 @@ class ServingChat:
         prompt_ids = ctx.encode_chat(req.messages)
         params = req.to_sampling_params(ctx.vocab_size, extra_stop=ctx.chat_template.stop)
         ctx.check_length(len(prompt_ids), params.max_tokens, "messages")
+        ctx.cap_max_tokens(params, [len(prompt_ids)])
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generation = ctx.open_generation([prompt_ids], params, request_id)
         return await ctx.respond(request, generation, bool(req.stream),

@@ -71,6 +71,7 @@ class ServingCompletion:
             raise InvalidRequestError(str(e), param="logprobs" if e.param == "top_logprobs" else e.param) from None
         for ids in prompts:
             ctx.check_length(len(ids), params.max_tokens, "prompt")
+        ctx.cap_max_tokens(params, [len(ids) for ids in prompts])
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generation = ctx.open_generation(prompts, params, request_id)
         return await ctx.respond(request, generation, bool(req.stream),

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -44,8 +45,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, base: str, timeout: float = 120) -> None:
+    """Until the server process answers /health with 200 (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "server did not start"
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+IN_FLIGHT = [  # (path, body): streams of both kinds, one of two choices, and a whole answer
+    ("/v1/chat/completions", LONG_STREAM),
+    ("/v1/chat/completions", {**LONG_STREAM, "n": 2}),
+    ("/v1/completions", {"prompt": "Go on.", "max_tokens": 240, "stream": True, "ignore_eos": True}),
+    ("/v1/chat/completions", {**LONG_STREAM, "stream": False}),
+]
+
+
+def finish_reasons(body: dict, lines: list[str]) -> list[str | None]:
+    """Every choice's finish reason, from a whole answer or from a stream that must end with [DONE]."""
+    if not body["stream"]:
+        return [c["finish_reason"] for c in json.loads("".join(lines))["choices"]]
+    data = [e.removeprefix("data: ") for e in lines if e.startswith("data: ")]
+    assert data[-1] == "[DONE]", data[-3:]
+    chunks = [json.loads(e) for e in data[:-1]]
+    return [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_ends_open_streams_then_the_process_exits(tiny_checkpoint, sig):
+def test_signal_ends_every_request_in_flight_then_the_process_exits(tiny_checkpoint, sig):
     port = free_port()
     script = (
         "import logging; logging.basicConfig(level=logging.WARNING)\n"
@@ -55,29 +92,38 @@ def test_signal_ends_open_streams_then_the_process_exits(tiny_checkpoint, sig):
         f" ServerConfig(port={port}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    results: list[tuple[int, list[str]] | BaseException] = [None] * len(IN_FLIGHT)
     try:
         base = f"http://127.0.0.1:{port}"
+        wait_until_healthy(proc, base)
         deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not start"
+
+        def run(i: int, path: str, body: dict) -> None:
             try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        with httpx.Client(base_url=base, timeout=60) as http, \
-                http.stream("POST", "/v1/chat/completions", json=LONG_STREAM) as response:
-            lines = response.iter_lines()
-            events = [next(lines) for _ in range(4)]
-            os.kill(proc.pid, sig)
-            events += list(lines)
+                with httpx.Client(base_url=base, timeout=60) as http, http.stream("POST", path, json=body) as r:
+                    results[i] = (r.status_code, list(r.iter_lines()))
+            except BaseException as e:  # noqa: BLE001 - reported by the assertions below
+                results[i] = e
+
+        threads = [threading.Thread(target=run, args=(i, *req)) for i, req in enumerate(IN_FLIGHT)]
+        for t in threads:
+            t.start()
+        # every request is being generated (5 sequences running) before the signal
+        while metric(base, "gptserve_num_requests_running") < 5:
+            assert time.monotonic() < deadline, "requests did not start"
+            time.sleep(0.05)
+        os.kill(proc.pid, sig)
+        for t in threads:
+            t.join(timeout=60)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    data = [e.removeprefix("data: ") for e in events if e.startswith("data: ")]
-    assert data[-1] == "[DONE]"
-    assert finish_of(data) == "abort"
+    for (path, body), result in zip(IN_FLIGHT, results):
+        assert not isinstance(result, BaseException), (path, result)
+        status, lines = result
+        assert status == 200, (path, lines)
+        reasons = finish_reasons(body, lines)
+        assert reasons == ["abort"] * body.get("n", 1), (path, reasons)  # ended early, each choice
     assert proc.returncode == -sig  # uvicorn re-raises the signal once it has shut down
