@@ -207,21 +207,24 @@ async def timed_requests(base_url: str, prompts: list[str]) -> tuple[float, list
     return elapsed, [r.json()["choices"][0]["message"]["content"] for r in responses]
 
 
-async def test_a_client_that_stops_reading_neither_slows_others_nor_holds_its_slot(launch, record_property):
+async def test_a_client_that_stops_reading_neither_stalls_the_others_nor_keeps_its_slot(launch, record_property):
+    """The others' times are recorded, not asserted: without the stalled reader, beside it (sharing
+    the batch with its generation until it is cut), and after it was cut (its socket still open)."""
     running = launch(stream_send_timeout=2.0)
     prompts = [f"Others, number {i}." for i in range(4)]
-    without_seconds, without = await timed_requests(running.base_url, prompts)
+    seconds, alone = await timed_requests(running.base_url, prompts)
+    record_property("others_seconds_without_stalled_reader", round(seconds, 3))
 
     sock = stalled_stream(running.base_url)
     try:
         wait_until(lambda: running.serving.num_in_flight == 1)  # the stalled request is being served
-        with_seconds, with_stalled = await asyncio.wait_for(timed_requests(running.base_url, prompts), 120)
-        assert with_stalled == without  # all completed, each as without the stalled reader
-        record_property("others_seconds_without_stalled_reader", round(without_seconds, 3))
-        record_property("others_seconds_with_stalled_reader", round(with_seconds, 3))
+        seconds, beside = await asyncio.wait_for(timed_requests(running.base_url, prompts), 120)
+        record_property("others_seconds_beside_stalled_reader", round(seconds, 3))
+        assert beside == alone  # all complete, each as without the stalled reader
         # the stalled stream is cut once a send has waited stream_send_timeout: slot and blocks freed
         assert_nothing_held(running)
+        seconds, after = await asyncio.wait_for(timed_requests(running.base_url, prompts), 120)
+        record_property("others_seconds_after_it_was_cut", round(seconds, 3))
+        assert after == alone
     finally:
         sock.close()
-    with running.http() as http:
-        assert http.get("/health").status_code == 200
