@@ -15,7 +15,7 @@ import torch
 
 from gptserve.config import EngineConfig
 from gptserve.engine.llm_engine import LLMEngine
-from gptserve.engine.outputs import (EngineDeadError, EngineStats, RequestFailedError,
+from gptserve.engine.outputs import (EngineDeadError, EngineStats, Inspection, RequestFailedError,
                                      RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.model.attention import DenseAttention
@@ -92,17 +92,21 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    async def inspect(self, prompt_token_ids: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Attention weights of every layer, (H, T, T), and next-token logits, for one prompt,
+    async def inspect(self, prompt_token_ids: list[int], top_k: int = 10,
+                      decimals: int = 4) -> Inspection:
+        """Attention weights of every layer and head and the top next tokens for one prompt,
         computed by the serving model itself with a recording attention backend."""
-        def run():
+        def run() -> Inspection:
             model = self.engine.model
             attn = DenseAttention(batch_size=1, record=True)
             ids = torch.tensor(prompt_token_ids, device=model.device)
             with torch.inference_mode():
                 hidden = model(ids, torch.arange(len(ids), device=model.device), attn)
-                logits = model.logits(hidden[-1:]).float()[0]
-            return {layer: w[0].float().cpu() for layer, w in attn.weights.items()}, logits.cpu()
+                probs, top = model.logits(hidden[-1:]).float()[0].softmax(-1).topk(top_k)
+            # float64 before rounding, so that 0.4965 is written as 0.4965, not 0.49649998
+            attention = [attn.weights[layer][0].double().round(decimals=decimals).tolist()
+                         for layer in sorted(attn.weights)]
+            return Inspection(attention, list(zip(top.tolist(), probs.tolist())))
         return await asyncio.to_thread(run)
 
     # ---- the thread -------------------------------------------------------------------

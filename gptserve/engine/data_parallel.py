@@ -79,8 +79,8 @@ class DataParallelEngine:
         parts = [dataclasses.asdict(r.stats()) for r in self.replicas]
         return EngineStats(**{k: sum(p[k] for p in parts) for k in parts[0]})
 
-    async def inspect(self, prompt_token_ids: list[int]):
-        return await self.replicas[self.pick()].inspect(prompt_token_ids)
+    async def inspect(self, prompt_token_ids: list[int], top_k: int = 10, decimals: int = 4):
+        return await self.replicas[self.pick()].inspect(prompt_token_ids, top_k, decimals)
 
 
 def build_engine(model: str | None, config: EngineConfig) -> AsyncEngine | DataParallelEngine:

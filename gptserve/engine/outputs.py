@@ -43,6 +43,15 @@ class RequestOutput:
 
 
 @dataclass
+class Inspection:
+    """What the model does with one prompt: attention of every layer and head, and its
+    most likely next tokens."""
+
+    attention: list[list[list[list[float]]]]  # [layer][head][query][key]; rows sum to 1
+    top_next_tokens: list[tuple[int, float]]  # (token id, probability), most likely first
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int

@@ -8,16 +8,14 @@ the server's queue slots, like a generation, so inspection can't crowd out servi
 """
 from __future__ import annotations
 
-import asyncio
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import Field
 
-from gptserve.server.errors import InvalidRequestError, QueueFullError
+from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import OpenAIModel
 from gptserve.server.serving import ServingContext, cancel_on_disconnect
 
@@ -54,12 +52,7 @@ class InspectResponse(OpenAIModel):
 @contextmanager
 def queue_slot(ctx: ServingContext) -> Iterator[None]:
     """One of the server's --max-queued-requests slots for the time of the run (429 when none)."""
-    limit = ctx.config.max_queued_requests
-    if ctx.num_in_flight >= limit:
-        ctx.metrics.requests_rejected.inc()
-        raise QueueFullError(f"The server already has {ctx.num_in_flight} requests in flight, its limit is "
-                             f"{limit} (--max-queued-requests). Retry later.")
-    ctx.num_in_flight += 1
+    ctx.reserve_slots(1)
     try:
         yield
     finally:
@@ -77,16 +70,6 @@ def prompt_ids(ctx: ServingContext, prompt: str) -> list[int]:
     return ids
 
 
-def as_lists(weights: dict[int, torch.Tensor], logits: torch.Tensor, top_k: int
-             ) -> tuple[list, list[tuple[int, float]]]:
-    """The engine's tensors as JSON-ready lists: attention [layer][head][T][T] rounded,
-    and the top_k next tokens as (id, probability)."""
-    # float64 before rounding, so that 0.4965 is written as 0.4965, not 0.4964999854564667
-    attention = [weights[layer].double().round(decimals=ROUND_DECIMALS).tolist() for layer in sorted(weights)]
-    probs, ids = logits.float().softmax(-1).topk(top_k)
-    return attention, list(zip(ids.tolist(), probs.tolist()))
-
-
 @router.post("/v1/inspect")
 async def inspect_prompt(body: InspectRequest, request: Request) -> Response:
     ctx: ServingContext = request.app.state.serving
@@ -94,11 +77,10 @@ async def inspect_prompt(body: InspectRequest, request: Request) -> Response:
     ctx.check_ready()
     ids = prompt_ids(ctx, body.prompt)
     with queue_slot(ctx):
-        weights, logits = await cancel_on_disconnect(request, ctx.engine.inspect(ids))
-        attention, top = await asyncio.to_thread(as_lists, weights, logits, body.top_k)
+        seen = await cancel_on_disconnect(request, ctx.engine.inspect(ids, body.top_k, ROUND_DECIMALS))
     config = ctx.engine.model_config
     answer = InspectResponse(
         model=ctx.served_model_name, tokens=ids, token_strs=[ctx.tokenizer.token_str(t) for t in ids],
-        n_layer=config.n_layer, n_head=config.n_head, attention=attention,
-        top_next_tokens=[NextToken(id=t, token=ctx.tokenizer.token_str(t), prob=p) for t, p in top])
+        n_layer=config.n_layer, n_head=config.n_head, attention=seen.attention,
+        top_next_tokens=[NextToken(id=t, token=ctx.tokenizer.token_str(t), prob=p) for t, p in seen.top_next_tokens])
     return Response(answer.model_dump_json(), media_type="application/json")

@@ -144,14 +144,19 @@ class ServingContext:
 
     # --- running ---
 
-    def open_generation(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> "Generation":
-        """Takes one queue slot per prompt (429 when full) and starts the engine requests."""
+    def reserve_slots(self, n: int) -> None:
+        """Take n of the --max-queued-requests slots (429 when they aren't free); the
+        taker gives them back by lowering num_in_flight."""
         limit = self.config.max_queued_requests
-        if self.num_in_flight + len(prompts) > limit:
+        if self.num_in_flight + n > limit:
             self.metrics.requests_rejected.inc()
             raise QueueFullError(f"The server already has {self.num_in_flight} requests in flight, its limit is "
                                  f"{limit} (--max-queued-requests). Retry later.")
-        self.num_in_flight += len(prompts)
+        self.num_in_flight += n
+
+    def open_generation(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> "Generation":
+        """Takes one queue slot per prompt (429 when full) and starts the engine requests."""
+        self.reserve_slots(len(prompts))
         log.debug("%s: %d prompt(s) of %s tokens, n=%d, max_tokens=%s", request_id, len(prompts),
                   "/".join(str(len(p)) for p in prompts), params.n, params.max_tokens)
         return Generation(self, prompts, params, request_id)
