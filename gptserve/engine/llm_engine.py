@@ -22,6 +22,7 @@ from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.scheduler import Scheduler
 from gptserve.engine.sequence import Sequence
 from gptserve.model.attention import KVPool
+from gptserve.model.cpu_kernels import paged_decode
 from gptserve.model.gpt2 import GPT2
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.weights.loader import load_model, resolve_model_path
@@ -67,6 +68,8 @@ class LLMEngine:
         graph_sizes = () if config.enforce_eager else tuple(
             b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs)
         self.runner = ModelRunner(self.model, self.pool, sampler, self.max_model_len, graph_sizes)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            paged_decode()  # build (or load the cached build of) the CPU kernel now, not mid-request
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0

@@ -8,7 +8,9 @@ Why this paged backend is the fast one on a CPU: the model's matmuls dominate a 
 and PyTorch's scaled_dot_product_attention runs fused kernels. Prefill without a cached
 past attends over the chunk's own K/V (no gather at all); decode gathers each sequence's
 blocks once per layer into a (B, S, H, D) view and runs one batched SDPA under a length
-mask. A Python loop over sequences happens only for prefill chunks, of which a step has few.
+mask; on the CPU in float32 a small C++ kernel (cpu_kernels.py) reads K/V through the block
+tables instead, skipping that gather, which was most of a large decode step. A Python loop
+over sequences happens only for prefill chunks, of which a step has few.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from gptserve.model.cpu_kernels import paged_decode
 
 
 class DenseAttention:
@@ -138,9 +142,13 @@ class PagedAttention:
 
     def _decode(self, k_cache, v_cache, q, scale):
         meta = self.meta
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            kernel = paged_decode()
+            if kernel is not None:  # reads K/V through the block tables, no gather
+                return kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
         b, h, d = q.shape
         tables = meta.decode_block_tables[:, :meta.decode_max_blocks].reshape(-1)  # (B * M,)
-        # index_select, not k_cache[tables]: advanced indexing is ~1000x slower on the CPU here
+        # index_select, not k_cache[tables]: 2-3x faster on the CPU (bench/attention.py)
         ks = k_cache.index_select(0, tables).view(b, -1, h, d).transpose(1, 2)  # (B, H, S, D)
         vs = v_cache.index_select(0, tables).view(b, -1, h, d).transpose(1, 2)
         s = ks.shape[2]

@@ -27,7 +27,10 @@ def run_all(engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParam
     return tokens, logprobs
 
 
-def test_mixed_lengths_in_one_batch_match_running_alone(make_engine):
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "pytorch-path"])
+def test_mixed_lengths_in_one_batch_match_running_alone(make_engine, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr("gptserve.model.attention.paged_decode", lambda: None)
     engine = make_engine()
     prompts = random_prompts(10, 3, 120, seed=1)
     outs = run_collect(engine, prompts, SamplingParams(max_tokens=24, **GREEDY))
