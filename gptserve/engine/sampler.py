@@ -51,8 +51,9 @@ class Sampler:
                 for tok, bias in p.logit_bias.items():
                     if 0 <= tok < self.vocab_size:
                         rows.append(i), cols.append(tok), vals.append(bias)
-            logits = logits.index_put((torch.tensor(rows), torch.tensor(cols)),
-                                      torch.tensor(vals, device=logits.device), accumulate=True)
+            dev = logits.device
+            logits = logits.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                                      torch.tensor(vals, device=dev), accumulate=True)
         needs_counts = any(p.presence_penalty or p.frequency_penalty for p in params)
         needs_rep = any(p.repetition_penalty != 1.0 for p in params)
         if not (needs_counts or needs_rep):
