@@ -34,10 +34,10 @@ class Sampler:
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, seqs)
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        if bool(greedy.all()):
+        if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
+            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
             tokens = torch.where(greedy, logits.argmax(dim=-1), self._sample(logits, seqs))
         token_list = tokens.tolist()
         return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, params))
