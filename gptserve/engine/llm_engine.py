@@ -141,14 +141,9 @@ class LLMEngine:
             log.exception("model step failed; failing the %d requests in it", batch.num_tokens)
             reqs = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
             return [self._fail(rid, f"model step failed: {e!r}") for rid in reqs]
-        for seq in batch.decodes:
-            seq.num_computed_tokens += 1
-        for seq, n in batch.prefills:
+        for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
             seq.num_computed_tokens += n
-        for seq in batch.decodes:
-            self.block_manager.commit_computed(seq)
-        for seq, _ in batch.prefills:
-            self.block_manager.commit_computed(seq)
+            self.block_manager.commit_computed(seq)  # blocks that became full join the prefix cache
         touched: dict[str, Request] = {}
         failed: list[RequestOutput] = []
         for seq, token, logprob in zip(sampled, out.token_ids, out.logprobs):
