@@ -126,4 +126,7 @@ def test_signal_ends_every_request_in_flight_then_the_process_exits(tiny_checkpo
         assert status == 200, (path, lines)
         reasons = finish_reasons(body, lines)
         assert reasons == ["abort"] * body.get("n", 1), (path, reasons)  # ended early, each choice
-    assert proc.returncode == -sig  # uvicorn re-raises the signal once it has shut down
+    # uvicorn re-raises the signal once it has shut down. A re-raised SIGINT goes through
+    # asyncio.run's own SIGINT handler, which only cancels the main task; when that task
+    # has no await left it ends normally and the process exits 0 (a race, seen once in ~10)
+    assert proc.returncode in ((-sig,) if sig == signal.SIGTERM else (-sig, 0)), proc.returncode
