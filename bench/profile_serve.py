@@ -1,0 +1,179 @@
+"""Where a served token's time goes: py-spy on a live gptserve under bench/serve.py load.
+
+For each concurrency level: starts `gptserve serve` on a random-weight GPT-2 small
+(the checkpoint bench/compare.py uses), runs one warm-up request, then samples the
+server with py-spy (`record -f raw --threads --idle`) while bench/serve.py drives a
+closed-loop streaming load, and sorts every sample of the two threads that matter:
+
+- the engine thread (`gptserve-engine`): idle (waiting for work), the model forward,
+  the LM head, and each piece of the step outside them (sampler, input tensors,
+  scheduling, token bookkeeping, detokenization, hand-off to the event loop);
+- the event loop (uvicorn's main thread): idle (in select) or busy, and where.
+
+The headline is the share of the engine's busy time outside the model math (forward and
+LM head), and the event loop's busy share of the wall time.
+
+    python bench/profile_serve.py --concurrency 1,16,64 --json bench/results/profile.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from compare import ROOT, Peer, Server, free_port, make_checkpoint  # noqa: E402
+
+# (category, pattern on a frame "func (file:line)"), most specific first: a sample goes
+# to the first category any of its frames matches
+ENGINE_CATEGORIES = [
+    ("idle", re.compile(r"^(Event|Condition)\.wait \(threading\.py")),
+    ("LM head", re.compile(r"^GPT2\.logits \(.*gptserve/model/gpt2\.py")),
+    ("model forward", re.compile(r"\(.*gptserve/model/(gpt2|attention|cpu_kernels|packed_linear)\.py")),
+    ("sampler", re.compile(r"\(.*gptserve/engine/sampler\.py")),
+    ("input tensors", re.compile(r"\(.*gptserve/engine/(model_runner|cuda_graphs)\.py")),
+    ("scheduling, KV blocks", re.compile(r"\(.*gptserve/engine/(scheduler|block_manager)\.py")),
+    ("detokenization, stop strings", re.compile(r"\(.*gptserve/engine/detokenizer\.py")),
+    ("hand-off to the event loop", re.compile(r"^AsyncEngine\._(deliver|drain_commands)")),
+    ("token bookkeeping, outputs", re.compile(r"\(.*gptserve/engine/")),
+]
+LOOP_CATEGORIES = [
+    ("idle", re.compile(r"select \(selectors\.py")),
+    ("chunk building, JSON", re.compile(r"\(.*gptserve/server/serving_(chat|completion)\.py")),
+    ("SSE sending", re.compile(r"\(.*sse_starlette/")),
+    ("request parsing, routing", re.compile(r"\(.*(fastapi|starlette|pydantic)/")),
+    ("HTTP protocol", re.compile(r"\(.*(uvicorn|h11|httptools)/")),
+    ("gptserve plumbing", re.compile(r"\(.*gptserve/")),
+    ("asyncio", re.compile(r"\(.*asyncio/")),
+]
+MODEL_MATH = ("model forward", "LM head")
+
+
+def categorise(frames: list[str], categories) -> str:
+    for name, pattern in categories:
+        if any(pattern.search(f) for f in frames):
+            return name
+    return "other"
+
+
+def parse_raw(path: Path) -> dict[str, Counter]:
+    """py-spy raw lines: 'thread (tid): name;frame;frame ... count' -> per-thread-kind counters."""
+    counts = {"engine": Counter(), "loop": Counter()}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        thread = frames[0]
+        if "gptserve-engine" in thread:
+            counts["engine"][categorise(frames[1:], ENGINE_CATEGORIES)] += int(n)
+        elif "MainThread" in thread:
+            counts["loop"][categorise(frames[1:], LOOP_CATEGORIES)] += int(n)
+    return counts
+
+
+def summarise(counts: dict[str, Counter]) -> dict:
+    engine, loop = counts["engine"], counts["loop"]
+    busy = sum(n for k, n in engine.items() if k != "idle")
+    outside = sum(n for k, n in engine.items() if k not in ("idle", *MODEL_MATH))
+    loop_total = sum(loop.values())
+    loop_busy = loop_total - loop["idle"]
+    return {
+        "engine_samples": sum(engine.values()),
+        "engine_busy_samples": busy,
+        "engine_busy_share_of_wall": busy / max(1, sum(engine.values())),
+        "engine_outside_model_share": outside / max(1, busy),
+        "engine_breakdown": {k: n / max(1, busy) for k, n in engine.most_common() if k != "idle"},
+        "loop_samples": loop_total,
+        "loop_busy_share_of_wall": loop_busy / max(1, loop_total),
+        "loop_breakdown": {k: n / max(1, loop_busy) for k, n in loop.most_common() if k != "idle"},
+    }
+
+
+def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int) -> dict:
+    port = free_port()
+    threads = str(args.threads)
+    cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint), "--dtype", "float32",
+           "--device", "cpu", "--max-num-seqs", "64", "--host", "127.0.0.1", "--port", str(port)]
+    peer = Peer("gptserve", "gptserve", cmd, port, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    work = args.work / "profile"
+    raw = work / f"pyspy_c{concurrency}.txt"
+    result = work / f"serve_c{concurrency}.json"
+    with Server(peer, work / f"server_c{concurrency}.log") as server:
+        server.wait_ready(args.ready_timeout)
+        base = f"http://127.0.0.1:{port}"
+        httpx.post(base + "/v1/completions", json={"prompt": "warm up", "max_tokens": 8}, timeout=120,
+                   trust_env=False).raise_for_status()
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(server.proc.pid), "-f", "raw", "--threads",
+                                "--idle", "--nonblocking", "-r", str(args.rate), "-o", str(raw)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # py-spy attaches
+        load = [sys.executable, str(BENCH / "serve.py"), "--base-url", base, "--endpoint", args.endpoint,
+                "--concurrency", str(concurrency), "--num-requests", str(args.waves * concurrency),
+                "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+                "--seed", "0", "--warmup", "0", "--result-file", str(result), "--disable-tqdm"]
+        subprocess.run(load, check=True)
+        spy.send_signal(signal.SIGINT)
+        _, err = spy.communicate(timeout=60)
+        if not raw.exists():
+            raise SystemExit(f"py-spy wrote nothing (is ptrace allowed?):\n{err}")
+    served = json.loads(result.read_text())
+    summary = summarise(parse_raw(raw))
+    summary.update(concurrency=concurrency, output_throughput=served["output_throughput"],
+                   itl_p50_ms=served["itl_ms"]["p50"], ttft_p50_ms=served["ttft_ms"]["p50"])
+    return summary
+
+
+def report(levels: list[dict]) -> str:
+    lines = []
+    for s in levels:
+        lines.append(f"\n## concurrency {s['concurrency']}: {s['output_throughput']:.1f} output tok/s, "
+                     f"ITL p50 {s['itl_p50_ms']:.1f} ms, TTFT p50 {s['ttft_p50_ms']:.0f} ms")
+        lines.append(f"engine thread busy {s['engine_busy_share_of_wall']:.1%} of wall "
+                     f"({s['engine_busy_samples']} samples); outside the model math: "
+                     f"{s['engine_outside_model_share']:.1%} of its busy time")
+        for k, v in s["engine_breakdown"].items():
+            lines.append(f"  {k:34s} {v:6.1%}")
+        lines.append(f"event loop busy {s['loop_busy_share_of_wall']:.1%} of wall")
+        for k, v in s["loop_breakdown"].items():
+            lines.append(f"  {k:34s} {v:6.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default=[1, 16, 64], type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--waves", type=int, default=2, help="requests per client")
+    p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--work", type=Path, default=BENCH / ".work")
+    p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--json", type=Path, help="write the summaries here")
+    p.add_argument("--raw", type=Path, help="only re-read this py-spy raw file and print its summary")
+    args = p.parse_args(argv)
+    if args.raw:
+        print(json.dumps(summarise(parse_raw(args.raw)), indent=2))
+        return
+    checkpoint = make_checkpoint(args.work)
+    levels = [profile_level(args, checkpoint, c) for c in args.concurrency]
+    print(report(levels))
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        args.json.write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                                         "gptserve_commit": commit.stdout.strip(), "levels": levels}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
