@@ -117,7 +117,8 @@ def decode_floor(path: Path, args) -> dict:
     while engine.has_unfinished():
         engine.step()
     per_step = (time.perf_counter() - start) / n
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    # from the config: packed layers (gptserve.model.packed_linear) are not parameters
+    weight_bytes = engine.model_config.num_parameters() * torch.empty((), dtype=engine.dtype).element_size()
     bw = copy_bandwidth()
     floor = weight_bytes / bw
     return {"ms_per_step": per_step * 1e3, "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bw / 1e9,

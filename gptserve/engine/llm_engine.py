@@ -24,6 +24,7 @@ from gptserve.engine.sequence import Sequence
 from gptserve.model.attention import KVPool
 from gptserve.model.cpu_kernels import paged_decode
 from gptserve.model.gpt2 import GPT2
+from gptserve.model.packed_linear import pack_for_cpu
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.weights.loader import load_model, resolve_model_path
 
@@ -70,13 +71,15 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, sampler, self.max_model_len, graph_sizes)
         if self.device.type == "cpu" and self.dtype == torch.float32:
             paged_decode()  # build (or load the cached build of) the CPU kernel now, not mid-request
+        self.packed = pack_for_cpu(self.model)  # oneDNN-packed linear layers (CPU float32)
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
         # test hook: called with each sequence that receives a token; an exception fails its request
         self.fault_hook: Callable[[Sequence], None] | None = None
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
+        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
                  model or "default model", self.device, str(self.dtype).removeprefix("torch."),
+                 ", oneDNN-packed linear layers" if self.packed else "",
                  num_blocks, config.block_size, num_blocks * per_block / 2**20, self.max_model_len)
 
     # ---- requests --------------------------------------------------------------------

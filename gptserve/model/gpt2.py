@@ -80,6 +80,9 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        # None: the head is tied to wte. A device-specific copy of it may be set instead
+        # (gptserve.model.packed_linear for float32 on the CPU)
+        self.lm_head: nn.Module | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
@@ -90,6 +93,8 @@ class GPT2(nn.Module):
         return self.ln_f(x)  # (N, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
         return hidden @ self.wte.weight.t()  # tied LM head: (N, C) @ (C, V) -> (N, V)
 
     @property

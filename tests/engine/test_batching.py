@@ -5,6 +5,7 @@ import pytest
 
 from gptserve.engine.outputs import FinishReason, PromptTooLongError
 from gptserve.engine.sampling_params import SamplingParams
+from gptserve.weights.loader import load_model
 from tests.engine.conftest import assert_same_greedy, random_prompts, run_collect
 
 GREEDY = dict(temperature=0.0, ignore_eos=True, logprobs=0)
@@ -37,6 +38,16 @@ def test_mixed_lengths_in_one_batch_match_running_alone(make_engine, kernel, mon
     for prompt, (tokens, logprobs) in zip(prompts, outs):
         assert len(tokens) == 24
         assert_same_greedy(tokens, prompt, engine.model, logprobs)
+
+
+def test_the_engine_packs_its_cpu_model_and_still_matches_the_plain_model(make_engine, tiny_checkpoint):
+    engine = make_engine()
+    assert engine.packed  # float32 on the CPU: oneDNN-packed linear layers
+    plain = load_model(tiny_checkpoint)  # a separate, unpacked copy as the reference
+    prompts = random_prompts(6, 3, 80, seed=7)
+    outs = run_collect(engine, prompts, SamplingParams(max_tokens=20, **GREEDY))
+    for prompt, (tokens, logprobs) in zip(prompts, outs):
+        assert_same_greedy(tokens, prompt, plain, logprobs)
 
 
 def test_staggered_arrivals_match_running_alone(make_engine):
