@@ -44,6 +44,7 @@ class Peer:
     command: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = ROOT  # `python -m gptserve.cli` imports the gptserve found here first
 
 
 # ---------------------------------------------------------------- model files
@@ -140,7 +141,7 @@ class Server:
             f.write(" ".join(self.peer.command) + "\n")
             f.flush()
             self.proc = subprocess.Popen(self.peer.command, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                         cwd=ROOT, start_new_session=True)
+                                         cwd=self.peer.cwd, start_new_session=True)
         return self
 
     def wait_ready(self, timeout: float) -> None:

@@ -14,6 +14,8 @@ The headline is the share of the engine's busy time outside the model math (forw
 LM head), and the event loop's busy share of the wall time.
 
     python bench/profile_serve.py --concurrency 1,16,64 --json bench/results/profile.json
+    git worktree add /tmp/before <commit>      # then a before/after, interleaved:
+    python bench/profile_serve.py --before /tmp/before --json bench/results/profile.json
 """
 from __future__ import annotations
 
@@ -99,16 +101,18 @@ def summarise(counts: dict[str, Counter]) -> dict:
     }
 
 
-def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int) -> dict:
+def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int, label: str, source: Path) -> dict:
     port = free_port()
     threads = str(args.threads)
     cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint), "--dtype", "float32",
            "--device", "cpu", "--max-num-seqs", "64", "--host", "127.0.0.1", "--port", str(port)]
-    peer = Peer("gptserve", "gptserve", cmd, port, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    peer = Peer("gptserve", "gptserve", cmd, port, env, source)
     work = args.work / "profile"
-    raw = work / f"pyspy_c{concurrency}.txt"
-    result = work / f"serve_c{concurrency}.json"
-    with Server(peer, work / f"server_c{concurrency}.log") as server:
+    work.mkdir(parents=True, exist_ok=True)
+    tag = f"{label}_c{concurrency}"
+    raw, result = work / f"pyspy_{tag}.txt", work / f"serve_{tag}.json"
+    with Server(peer, work / f"server_{tag}.log") as server:
         server.wait_ready(args.ready_timeout)
         base = f"http://127.0.0.1:{port}"
         httpx.post(base + "/v1/completions", json={"prompt": "warm up", "max_tokens": 8}, timeout=120,
@@ -128,7 +132,8 @@ def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int) 
             raise SystemExit(f"py-spy wrote nothing (is ptrace allowed?):\n{err}")
     served = json.loads(result.read_text())
     summary = summarise(parse_raw(raw))
-    summary.update(concurrency=concurrency, output_throughput=served["output_throughput"],
+    summary.update(label=label, source=str(source), concurrency=concurrency,
+                   output_throughput=served["output_throughput"],
                    itl_p50_ms=served["itl_ms"]["p50"], ttft_p50_ms=served["ttft_ms"]["p50"])
     return summary
 
@@ -136,7 +141,7 @@ def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int) 
 def report(levels: list[dict]) -> str:
     lines = []
     for s in levels:
-        lines.append(f"\n## concurrency {s['concurrency']}: {s['output_throughput']:.1f} output tok/s, "
+        lines.append(f"\n## {s['label']}, concurrency {s['concurrency']}: {s['output_throughput']:.1f} output tok/s, "
                      f"ITL p50 {s['itl_p50_ms']:.1f} ms, TTFT p50 {s['ttft_p50_ms']:.0f} ms")
         lines.append(f"engine thread busy {s['engine_busy_share_of_wall']:.1%} of wall "
                      f"({s['engine_busy_samples']} samples); outside the model math: "
@@ -162,17 +167,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--json", type=Path, help="write the summaries here")
     p.add_argument("--raw", type=Path, help="only re-read this py-spy raw file and print its summary")
+    p.add_argument("--before", type=Path, metavar="DIR",
+                   help="also profile the gptserve in DIR (e.g. `git worktree add DIR <commit>`), "
+                        "interleaved with this checkout level by level: a before/after in one run")
     args = p.parse_args(argv)
     if args.raw:
         print(json.dumps(summarise(parse_raw(args.raw)), indent=2))
         return
     checkpoint = make_checkpoint(args.work)
-    levels = [profile_level(args, checkpoint, c) for c in args.concurrency]
+    sources = ([("before", args.before.resolve())] if args.before else []) + [("after" if args.before else "this", ROOT)]
+    levels = [profile_level(args, checkpoint, c, label, source)
+              for c in args.concurrency for label, source in sources]
     print(report(levels))
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commits = {label: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source, capture_output=True,
+                                         text=True).stdout.strip() for label, source in sources}
         args.json.write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                                         "gptserve_commit": commit.stdout.strip(), "levels": levels}, indent=2))
+                                         "commits": commits, "levels": levels}, indent=2))
 
 
 if __name__ == "__main__":

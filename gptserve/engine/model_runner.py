@@ -50,9 +50,8 @@ class ModelRunner:
     def _decode_inputs(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
         bs = self.block_size
         positions = [len(s) - 1 for s in seqs]
-        tables = torch.zeros(len(seqs), max(len(s.block_table) for s in seqs), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tables[i, :len(s.block_table)] = torch.tensor(s.block_table)
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])  # zero-padded
         return {
             "input_ids": torch.tensor([s.token_ids[-1] for s in seqs]),
             "positions": torch.tensor(positions),

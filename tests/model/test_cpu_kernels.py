@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata
-from gptserve.model.cpu_kernels import paged_decode
+from gptserve.model.cpu_kernels import paged_decode, row_argmax
 
 
 def test_the_kernel_builds_on_this_machine():
@@ -28,3 +28,21 @@ def test_kernel_decode_equals_the_pytorch_path(batch, max_blocks, monkeypatch):
     monkeypatch.setattr("gptserve.model.attention.paged_decode", lambda: None)
     without = PagedAttention(pool, meta)(0, q, k, v, 0.2)
     torch.testing.assert_close(with_kernel, without, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 50257), (64, 50257), (7, 5), (3, 33)])
+def test_greedy_argmax_kernel_equals_torch_argmax(rows, vocab):
+    kernel = row_argmax()
+    assert kernel is not None, "the C++ kernels did not build"
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(rows, vocab, generator=g)
+    torch.testing.assert_close(kernel(x), x.argmax(-1), rtol=0, atol=0)
+    # ties go to the first index; -inf rows; NaN counts as the maximum (first NaN wins)
+    x = torch.randint(0, 3, (rows, vocab), generator=g).float()
+    x[0] = float("-inf")
+    if rows > 1:
+        x[1, vocab // 2] = float("nan")
+        x[1, -1] = float("nan")
+    torch.testing.assert_close(kernel(x), x.argmax(-1), rtol=0, atol=0)
+    wide = torch.randn(rows, vocab + 7, generator=g)[:, :vocab]  # not contiguous
+    torch.testing.assert_close(kernel(wide), wide.argmax(-1), rtol=0, atol=0)
