@@ -72,3 +72,42 @@ async def test_a_failure_in_one_request_fails_it_alone(engine):
                                    collect(engine, [5, 6], params, "good2"), return_exceptions=True)
     assert isinstance(results[1], RequestFailedError) and "injected" in str(results[1])
     assert len(results[0][0]) == 10 and len(results[2][0]) == 10
+
+
+async def test_all_tensor_work_runs_on_the_engine_thread(tiny_checkpoint, monkeypatch):
+    """Loading, steps and inspect all run on one thread (see async_engine's docstring)."""
+    import threading
+
+    from gptserve.engine import async_engine
+    from gptserve.engine.llm_engine import LLMEngine
+
+    seen: dict[str, set[str]] = {"load": set(), "step": set()}
+
+    class Recording(LLMEngine):
+        def __init__(self, *args, **kwargs):
+            seen["load"].add(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+        def step(self):
+            seen["step"].add(threading.current_thread().name)
+            return super().step()
+
+    monkeypatch.setattr(async_engine, "LLMEngine", Recording)
+    eng = AsyncEngine(str(tiny_checkpoint), EngineConfig(kv_cache_memory=8 * 2**20))
+    eng.start()
+    try:
+        await collect(eng, [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), "r")
+        where = await eng.call(lambda: threading.current_thread().name)
+        inspection = await eng.inspect([5, 6, 7], top_k=3)
+    finally:
+        await eng.shutdown()
+    assert seen == {"load": {"gptserve-engine"}, "step": {"gptserve-engine"}}
+    assert where == "gptserve-engine"
+    assert len(inspection.top_next_tokens) == 3
+
+
+def test_a_model_that_fails_to_load_raises_in_the_caller(tmp_path):
+    from gptserve.model.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="has no vocab.json"):
+        AsyncEngine(str(tmp_path), EngineConfig())
