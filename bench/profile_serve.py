@@ -131,7 +131,14 @@ def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int, 
         if not raw.exists():
             raise SystemExit(f"py-spy wrote nothing (is ptrace allowed?):\n{err}")
     served = json.loads(result.read_text())
-    summary = summarise(parse_raw(raw))
+    counts = parse_raw(raw)
+    summary = summarise(counts)
+    # absolute cost per generated token (a share alone grows when the model gets faster)
+    engine, loop = counts["engine"], counts["loop"]
+    outside = sum(n for k, n in engine.items() if k not in ("idle", *MODEL_MATH))
+    per_token_ms = 1000 / args.rate / served["total_output_tokens"]
+    summary.update(engine_outside_model_ms_per_token=outside * per_token_ms,
+                   loop_busy_ms_per_token=(sum(loop.values()) - loop["idle"]) * per_token_ms)
     summary.update(label=label, source=str(source), concurrency=concurrency,
                    output_throughput=served["output_throughput"],
                    itl_p50_ms=served["itl_ms"]["p50"], ttft_p50_ms=served["ttft_ms"]["p50"])
@@ -148,10 +155,31 @@ def report(levels: list[dict]) -> str:
                      f"{s['engine_outside_model_share']:.1%} of its busy time")
         for k, v in s["engine_breakdown"].items():
             lines.append(f"  {k:34s} {v:6.1%}")
-        lines.append(f"event loop busy {s['loop_busy_share_of_wall']:.1%} of wall")
+        lines.append(f"  = {s['engine_outside_model_ms_per_token']:.2f} ms per output token")
+        lines.append(f"event loop busy {s['loop_busy_share_of_wall']:.1%} of wall "
+                     f"({s['loop_busy_ms_per_token']:.2f} ms per output token)")
         for k, v in s["loop_breakdown"].items():
             lines.append(f"  {k:34s} {v:6.1%}")
     return "\n".join(lines)
+
+
+def before_after_table(levels: list[dict]) -> str:
+    """Markdown: each concurrency's before and after side by side."""
+    by = {(s["label"], s["concurrency"]): s for s in levels}
+    rows = ["| concurrency | output tok/s | ITL p50 (ms) | engine busy time outside the model math "
+            "(per output token) | event loop busy, share of wall (per output token) |", "|---|---|---|---|---|"]
+    for c in sorted({s["concurrency"] for s in levels}):
+        b, a = by.get(("before", c)), by.get(("after", c))
+        if not (a and b):
+            continue
+        rows.append(f"| {c} | {b['output_throughput']:.1f} -> {a['output_throughput']:.1f} "
+                    f"({a['output_throughput'] / b['output_throughput']:.2f}x) | "
+                    f"{b['itl_p50_ms']:.1f} -> {a['itl_p50_ms']:.1f} | "
+                    f"{b['engine_outside_model_share']:.1%} -> {a['engine_outside_model_share']:.1%} "
+                    f"({b['engine_outside_model_ms_per_token']:.2f} -> {a['engine_outside_model_ms_per_token']:.2f} ms) | "
+                    f"{b['loop_busy_share_of_wall']:.1%} -> {a['loop_busy_share_of_wall']:.1%} "
+                    f"({b['loop_busy_ms_per_token']:.2f} -> {a['loop_busy_ms_per_token']:.2f} ms) |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     levels = [profile_level(args, checkpoint, c, label, source)
               for c in args.concurrency for label, source in sources]
     print(report(levels))
+    if args.before:
+        print("\n" + before_after_table(levels))
     if args.json:
         commits = {label: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source, capture_output=True,
                                          text=True).stdout.strip() for label, source in sources}

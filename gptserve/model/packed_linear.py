@@ -3,15 +3,16 @@
 A decode step's matmuls have one row per running sequence, so on a CPU they are
 small-batch and bound by streaming the weights. On a plain row-major weight PyTorch's
 default (MKL sgemm) streams them slowly at those sizes; oneDNN, given a weight it has
-reordered once into its own blocked layout, does the same math 1.6-2.7x faster from 1
-to 32 rows and still 1.3x at 128 (`python bench/linear.py`, GPT-2 small's 48 layers,
-2 threads; BENCHMARKS.md). From ~256 rows (long prefill chunks) MKL is up to ~10% ahead.
+reordered once into its own blocked layout, does the same math 1.4-2.3x faster from 1
+to 32 rows and still 1.2x at 128 (`python bench/linear.py`, GPT-2 small's 48 layers,
+2 threads, AMD EPYC; BENCHMARKS.md). From ~256 rows (prefill chunks) the two are within
+~10% either way.
 
 `pack_for_cpu(model)` swaps every nn.Linear for a PackedLinear holding only the packed
 weight (no second copy), and gives the tied LM head its own packed copy of the token
 embedding (the embedding lookup still needs the plain table: +vocab x n_embd floats,
 154 MB for GPT-2 small). The LM head only ever sees the rows being sampled, where the
-packed head is 1.3-4x faster at every size measured.
+packed head is 1.2-3.8x faster at every size measured.
 
 PyTorch's oneDNN linear ops (the ones torch.compile's CPU backend uses) are
 `torch.ops.mkldnn`; where they are missing, or GPTSERVE_NO_KERNELS=1 is set, nothing is
