@@ -92,6 +92,8 @@ def summarise(counts: dict[str, Counter]) -> dict:
     return {
         "engine_samples": sum(engine.values()),
         "engine_busy_samples": busy,
+        "engine_outside_model_samples": outside,
+        "loop_busy_samples": loop_busy,
         "engine_busy_share_of_wall": busy / max(1, sum(engine.values())),
         "engine_outside_model_share": outside / max(1, busy),
         "engine_breakdown": {k: n / max(1, busy) for k, n in engine.most_common() if k != "idle"},
@@ -131,14 +133,11 @@ def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int, 
         if not raw.exists():
             raise SystemExit(f"py-spy wrote nothing (is ptrace allowed?):\n{err}")
     served = json.loads(result.read_text())
-    counts = parse_raw(raw)
-    summary = summarise(counts)
+    summary = summarise(parse_raw(raw))
     # absolute cost per generated token (a share alone grows when the model gets faster)
-    engine, loop = counts["engine"], counts["loop"]
-    outside = sum(n for k, n in engine.items() if k not in ("idle", *MODEL_MATH))
     per_token_ms = 1000 / args.rate / served["total_output_tokens"]
-    summary.update(engine_outside_model_ms_per_token=outside * per_token_ms,
-                   loop_busy_ms_per_token=(sum(loop.values()) - loop["idle"]) * per_token_ms)
+    summary.update(engine_outside_model_ms_per_token=summary["engine_outside_model_samples"] * per_token_ms,
+                   loop_busy_ms_per_token=summary["loop_busy_samples"] * per_token_ms)
     summary.update(label=label, source=str(source), concurrency=concurrency,
                    output_throughput=served["output_throughput"],
                    itl_p50_ms=served["itl_ms"]["p50"], ttft_p50_ms=served["ttft_ms"]["p50"])

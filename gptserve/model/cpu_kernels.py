@@ -17,6 +17,7 @@ build is cached per machine). Where they can't be built, or GPTSERVE_NO_KERNELS=
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Callable
@@ -121,7 +122,11 @@ torch::Tensor row_argmax(torch::Tensor logits) {
 PagedDecode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
                        torch.Tensor]
 RowArgmax = Callable[[torch.Tensor], torch.Tensor]
-_cached: list = []
+
+
+def kernels_enabled() -> bool:
+    """False when GPTSERVE_NO_KERNELS is set: no compiled kernels, no packed layers."""
+    return os.environ.get("GPTSERVE_NO_KERNELS", "") in ("", "0")
 
 
 def paged_decode() -> PagedDecode | None:
@@ -136,14 +141,9 @@ def row_argmax() -> RowArgmax | None:
     return None if module is None else module.row_argmax
 
 
+@functools.cache
 def _module():
-    if not _cached:
-        _cached.append(_build())
-    return _cached[0]
-
-
-def _build():
-    if os.environ.get("GPTSERVE_NO_KERNELS", "") not in ("", "0"):
+    if not kernels_enabled():
         return None
     try:
         from torch.utils.cpp_extension import load_inline

@@ -21,10 +21,11 @@ packed and nn.Linear runs as before.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
+
+from gptserve.model.cpu_kernels import kernels_enabled
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class PackedLinear(nn.Module):
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cpu" or dtype != torch.float32:
         return False
-    if os.environ.get("GPTSERVE_NO_KERNELS", "") not in ("", "0"):
+    if not kernels_enabled():
         return False
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
