@@ -4,13 +4,17 @@
 # parallel slots), its `convert_hf_to_gguf.py` plus the `gguf` package, and, as a
 # fallback peer, llama-cpp-python's server.
 #
-#   bench/build_llamacpp.sh [DIR]        # DIR defaults to bench/.llamacpp
+#   bench/build_llamacpp.sh [DIR]        # DIR defaults to .cache/llamacpp at the repository root
+#
+# A relative DIR is taken from the current folder; run it from the repository root, e.g.
+#   JOBS=2 bench/build_llamacpp.sh .cache/llamacpp
 #
 # Env: JOBS (make -j, default 2), NATIVE (GGML_NATIVE, default ON),
 #      SKIP_PY=1 to skip `pip install llama-cpp-python[server]`.
 set -euo pipefail
 
-DIR=${1:-"$(cd "$(dirname "$0")" && pwd)/.llamacpp"}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DIR=${1:-"$ROOT/.cache/llamacpp"}
 JOBS=${JOBS:-2}
 NATIVE=${NATIVE:-ON}
 mkdir -p "$DIR"

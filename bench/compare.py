@@ -7,7 +7,8 @@ starts it on 127.0.0.1, waits until it answers, runs bench/serve.py at each conc
 `serving.json`, `throughput.png`, `p99_latency.png` and `serving.md` (the table, with
 ratios vs llama.cpp and vs the naive baseline) to --out.
 
-Build the llama.cpp peer first (minutes): bench/build_llamacpp.sh
+Build the llama.cpp peer first (minutes): bench/build_llamacpp.sh (into .cache/llamacpp,
+where --llamacpp-dir looks by default). From the repository root:
 
     python bench/compare.py               # full: concurrency 1, 4, 16, 64 -> bench/results/
     python bench/compare.py --quick       # smoke: tiny workload, concurrency 1 and 4
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +32,7 @@ import httpx
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+CACHE = ROOT / ".cache"  # built and generated files, not committed (.gitignore)
 sys.path.insert(0, str(BENCH))
 
 PEER_TITLES = {"gptserve": "gptserve", "llamacpp": "llama.cpp", "hf": "naive HF"}
@@ -329,12 +330,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-duration", type=float, default=900, help="seconds per level before requests are cut")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every server")
-    p.add_argument("--llamacpp-dir", type=Path, default=BENCH / ".llamacpp",
-                   help="where bench/build_llamacpp.sh built llama.cpp")
+    p.add_argument("--llamacpp-dir", type=Path, default=CACHE / "llamacpp",
+                   help="where bench/build_llamacpp.sh built llama.cpp (default .cache/llamacpp)")
     p.add_argument("--llama-cpp-python", action="store_true", help="use llama-cpp-python's server for llama.cpp")
     p.add_argument("--llama-ctx", type=int, default=32768, help="llama-server's shared KV pool, in tokens")
     p.add_argument("--llama-args", default="", help="extra llama-server flags, e.g. '--poll 0'")
-    p.add_argument("--work", type=Path, default=BENCH / ".work", help="checkpoint, GGUF, logs, raw results")
+    p.add_argument("--work", type=Path, default=CACHE / "bench",
+                   help="checkpoint, GGUF, logs, raw results (default .cache/bench)")
     p.add_argument("--out", type=Path, default=None, help="default bench/results (quick: bench/results/quick)")
     p.add_argument("--ready-timeout", type=float, default=300)
     args = p.parse_args(argv)

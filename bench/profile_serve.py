@@ -14,8 +14,8 @@ The headline is the share of the engine's busy time outside the model math (forw
 LM head), and the event loop's busy share of the wall time.
 
     python bench/profile_serve.py --concurrency 1,16,64 --json bench/results/profile.json
-    git worktree add /tmp/before <commit>      # then a before/after, interleaved:
-    python bench/profile_serve.py --before /tmp/before --json bench/results/profile.json
+    git worktree add .cache/before <commit>    # then a before/after, interleaved:
+    python bench/profile_serve.py --before .cache/before --json bench/results/profile.json
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from compare import ROOT, Peer, Server, free_port, make_checkpoint  # noqa: E402
+from compare import CACHE, ROOT, Peer, Server, free_port, make_checkpoint  # noqa: E402
 
 # (category, pattern on a frame "func (file:line)"), most specific first: a sample goes
 # to the first category any of its frames matches
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--waves", type=int, default=2, help="requests per client")
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--work", type=Path, default=BENCH / ".work")
+    p.add_argument("--work", type=Path, default=CACHE / "bench", help="checkpoint and logs (default .cache/bench)")
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--json", type=Path, help="write the summaries here")
     p.add_argument("--raw", type=Path, help="only re-read this py-spy raw file and print its summary")

@@ -1,4 +1,4 @@
-"""`gptserve serve | generate | info | bench`: the command line."""
+"""`gptserve serve | generate | info`: the command line."""
 from __future__ import annotations
 
 import argparse

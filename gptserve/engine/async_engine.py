@@ -1,14 +1,20 @@
-"""The async front: requests in from the event loop, deltas back, the step loop in a thread.
+"""The async front of one engine replica: requests in from the event loop, outputs back,
+the step loop in a thread of its own.
 
-The thread owns the LLMEngine; the event loop talks to it only through a command queue
-(add, abort, call) and gets each step's outputs back in one call_soon_threadsafe hand-off.
+Who owns what: the engine thread owns the LLMEngine (the model, the KV pool, the
+scheduler, every request's state) and does all tensor work, loading the model included.
+The event loop never touches any of it: it sends commands (add, abort, inspect) through
+a queue and gets each step's outputs back in one call_soon_threadsafe hand-off per step,
+into one asyncio.Queue per request. What both threads read, the request streams and
+whether the loop is dead or stopping, changes only under `_lock`, so a request either
+registers before the loop dies (and is told it died) or sees it dead and fails at once.
 
-All tensor work, loading the model included, happens on that one thread. On the CPU this
-is a speed matter: PyTorch's OpenMP runtime (libgomp) keeps a pool of worker threads for
-each thread that runs a parallel op, and once more pool threads exist than cores, every
-pool stops spin-waiting between ops and sleeps instead, so each of a decode step's few
-hundred small parallel ops pays a wake-up. A model loaded on the main thread and run on
-another measured 1.6x slower per linear layer (GPT-2 small, batch 1, 2 cores).
+Why one thread does all tensor work: PyTorch's OpenMP runtime (libgomp) keeps a pool of
+worker threads for each thread that runs a parallel op, and once more pool threads exist
+than cores, every pool stops spin-waiting between ops and sleeps instead, so each of a
+decode step's few hundred small parallel ops pays a wake-up. A model loaded on the main
+thread and run on another measured 1.6x slower per linear layer (GPT-2 small, batch 1,
+2 cores).
 """
 from __future__ import annotations
 
@@ -18,27 +24,27 @@ import queue
 import threading
 from typing import AsyncIterator, Callable, TypeVar
 
-import torch
-
 from gptserve.config import EngineConfig
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.outputs import (EngineDeadError, EngineStats, Inspection, RequestFailedError,
                                      RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
-from gptserve.model.attention import DenseAttention
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 class AsyncEngine:
+    """One engine replica behind the EngineClient interface (engine/client.py)."""
+
     def __init__(self, model: str | None, config: EngineConfig | None = None,
                  engine: LLMEngine | None = None):
-        """Builds the LLMEngine on the engine thread (see above) and waits until it is
-        loaded; its step loop runs from start()."""
+        """Builds the LLMEngine on the engine thread and waits until it is loaded; load
+        errors raise here. The step loop runs from start()."""
         self.model_name = model or "gptserve-default"
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self._dead: BaseException | None = None
@@ -53,7 +59,7 @@ class AsyncEngine:
             raise self._build_error
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
-        self.max_model_len = self.engine.max_model_len
+        self.limits = self.engine.limits
         self._stats = self.engine.stats()
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -62,13 +68,14 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self._go.is_set() and self._thread.is_alive() and not self._stopping
+        return self._go.is_set() and self._dead is None and not self._stopping and self._thread.is_alive()
 
     async def shutdown(self) -> None:
-        """Abort what is in flight (its streams end with finish_reason 'abort') and stop."""
-        for request_id in list(self._streams):
+        with self._lock:
+            self._stopping = True  # no new requests from here on
+            in_flight = list(self._streams)
+        for request_id in in_flight:
             self.abort(request_id)
-        self._stopping = True
         self._go.set()  # a never-started loop starts, finds nothing to do and ends
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10)
@@ -76,66 +83,61 @@ class AsyncEngine:
     # ---- requests ---------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        if self._dead is not None or self._stopping:
-            raise EngineDeadError("the engine is not running")
-        self.engine.check_request(prompt_token_ids, params)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, list(prompt_token_ids), params))
-        self._wake.set()
-        finished = False
+        with self._lock:
+            self._check_running()
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+            self._send(("add", request_id, list(prompt_token_ids), params))
+        ended = False  # by the engine: finished, failed or refused
         try:
-            while not finished:
+            while not ended:
                 item = await stream.get()
                 if isinstance(item, BaseException):
+                    ended = True
                     raise item
                 if item.error is not None:
+                    ended = True
                     raise RequestFailedError(request_id, item.error)
-                finished = item.finished
+                ended = item.finished
                 yield item
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # the caller went away: free its blocks at the next step
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not ended:  # the caller stopped listening: free its blocks at the next step
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-        self._wake.set()
+        self._send(("abort", request_id))
 
     def stats(self) -> EngineStats:
         return self._stats
 
-    async def inspect(self, prompt_token_ids: list[int], top_k: int = 10,
-                      decimals: int = 4) -> Inspection:
-        """Attention weights of every layer and head and the top next tokens for one prompt,
-        computed by the serving model itself with a recording attention backend."""
-        def run() -> Inspection:
-            model = self.engine.model
-            attn = DenseAttention(batch_size=1, record=True)
-            ids = torch.tensor(prompt_token_ids, device=model.device)
-            with torch.inference_mode():
-                hidden = model(ids, torch.arange(len(ids), device=model.device), attn)
-                probs, top = model.logits(hidden[-1:]).float()[0].softmax(-1).topk(top_k)
-            # float64 before rounding, so that 0.4965 is written as 0.4965, not 0.49649998
-            attention = [attn.weights[layer][0].double().round(decimals=decimals).tolist()
-                         for layer in sorted(attn.weights)]
-            return Inspection(attention, list(zip(top.tolist(), probs.tolist())))
-        return await self.call(run)
+    async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
+        return await self._call(lambda engine: engine.inspect(prompt_token_ids, top_k, decimals))
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Run fn on the engine thread between two steps (all tensor work stays on that
-        thread) and return its result."""
-        if self._dead is not None or self._stopping:
-            raise EngineDeadError("the engine is not running")
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """fn(engine) on the engine thread between two steps; its result or its exception here."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        self._commands.put(("call", fn, loop, done))
-        self._wake.set()
+        with self._lock:
+            self._check_running()
+            self._send(("call", fn, loop, done))
         return await done
 
-    # ---- the thread -------------------------------------------------------------------
+    def _check_running(self) -> None:
+        """Under _lock: refuse new work once the loop is dead or stopping."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # ---- the engine thread ---------------------------------------------------------------
     def _main(self, build: Callable[[], LLMEngine]) -> None:
         try:
             self.engine = build()
@@ -145,36 +147,41 @@ class AsyncEngine:
         finally:
             self._built.set()
         self._go.wait()
-        self._run()
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001 - whatever kills the loop, tell every waiter
+            log.exception("engine loop died")
+            self._die(e)
 
     def _run(self) -> None:
         engine = self.engine
-        try:
-            while True:
-                self._drain_commands()
-                if self._stopping and not engine.has_unfinished():
-                    break
-                if not engine.has_unfinished():
-                    self._stats = engine.stats()
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                outputs = engine.step()
+        while True:
+            self._drain_commands()
+            if not engine.has_unfinished():
                 self._stats = engine.stats()
-                self._deliver(outputs)
-        except BaseException as e:  # noqa: BLE001 - whatever kills the loop, tell every waiter
-            log.exception("engine loop died")
-            self._dead = e
-            dead = EngineDeadError(f"the engine stopped: {e!r}")
-            for loop, stream in list(self._streams.values()):
-                _call_soon(loop, stream.put_nowait, dead)
-            while True:  # calls still queued would wait forever
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if cmd[0] == "call":
-                    _call_soon(cmd[2], _settle, cmd[3], None, dead)
+                if self._stopping:
+                    return
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            outputs = engine.step()
+            self._stats = engine.stats()
+            self._deliver(outputs)
+
+    def _die(self, error: BaseException) -> None:
+        dead = EngineDeadError(f"the engine stopped: {error!r}")
+        with self._lock:  # from here on nothing registers or queues a call
+            self._dead = error
+            streams = list(self._streams.values())
+        for loop, stream in streams:
+            _call_soon(loop, stream.put_nowait, dead)
+        while True:  # calls still queued would wait forever
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "call":
+                _call_soon(cmd[2], _settle, cmd[3], None, dead)
 
     def _drain_commands(self) -> None:
         engine = self.engine
@@ -186,7 +193,7 @@ class AsyncEngine:
             if cmd[0] == "add":
                 _, request_id, prompt, params = cmd
                 if request_id not in self._streams:
-                    continue  # cancelled before it was added
+                    continue  # its caller went away before it was added
                 try:
                     engine.add_request(request_id, prompt, params)
                 except Exception as e:  # noqa: BLE001 - refused: tell that caller only
@@ -194,13 +201,14 @@ class AsyncEngine:
             elif cmd[0] == "call":
                 _, fn, loop, done = cmd
                 try:
-                    result, error = fn(), None
+                    result, error = fn(engine), None
                 except Exception as e:  # noqa: BLE001 - the caller's failure, raised in the caller
                     result, error = None, e
                 _call_soon(loop, _settle, done, result, error)
             else:
                 out = engine.abort(cmd[1])
                 if out is not None:
+                    self._stats = engine.stats()  # what the caller sees once told
                     self._deliver([out])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:

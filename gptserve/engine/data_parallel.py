@@ -2,15 +2,18 @@
 
 Each replica is a full AsyncEngine with its own weights, KV pool and step thread. A new
 request goes to the replica with the fewest requests in flight; its aborts follow it.
+The front is an EngineClient (engine/client.py) like one replica, so the server can't
+tell them apart.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import AsyncIterator
 
 from gptserve.config import EngineConfig
 from gptserve.engine.async_engine import AsyncEngine
-from gptserve.engine.outputs import EngineStats, RequestOutput
+from gptserve.engine.outputs import EngineStats, Inspection, RequestOutput
 from gptserve.engine.placement import PlacementError
 from gptserve.engine.sampling_params import SamplingParams
 
@@ -39,7 +42,7 @@ class DataParallelEngine:
         self.model_name = first.model_name
         self.tokenizer = first.tokenizer
         self.model_config = first.model_config
-        self.max_model_len = first.max_model_len
+        self.limits = first.limits
         self.in_flight = [0] * len(replicas)
         self.owner: dict[str, int] = {}
 
@@ -76,10 +79,13 @@ class DataParallelEngine:
             self.replicas[i].abort(request_id)
 
     def stats(self) -> EngineStats:
-        parts = [dataclasses.asdict(r.stats()) for r in self.replicas]
-        return EngineStats(**{k: sum(p[k] for p in parts) for k in parts[0]})
+        parts = [r.stats() for r in self.replicas]
+        summed = {f.name: sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(EngineStats)
+                  if f.name != "sequences_finished"}
+        finished = sum((Counter(p.sequences_finished) for p in parts), Counter())
+        return EngineStats(**summed, sequences_finished=dict(finished))
 
-    async def inspect(self, prompt_token_ids: list[int], top_k: int = 10, decimals: int = 4):
+    async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         return await self.replicas[self.pick()].inspect(prompt_token_ids, top_k, decimals)
 
 

@@ -1,21 +1,21 @@
 """The step loop: admit requests, schedule, run the model once, turn tokens into deltas.
 
-Synchronous and single-threaded by design; `AsyncEngine` drives it from a thread.
+Synchronous and single-threaded by design: it owns the model, the KV pool, the scheduler
+and every request's state, and nothing else touches them. `AsyncEngine` drives it from
+one thread; offline callers (`generate`, the CLI) drive it directly.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
 from gptserve.config import EngineConfig, ModelConfig
 from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.detokenizer import StreamDetokenizer
+from gptserve.engine.limits import EngineLimits
 from gptserve.engine.model_runner import ModelRunner
-from gptserve.engine.outputs import (ChoiceDelta, EngineStats, FinishReason, InvalidPromptError,
-                                     PromptTooLongError, RequestOutput)
+from gptserve.engine.outputs import ChoiceDelta, EngineStats, FinishReason, Inspection, RequestOutput
 from gptserve.engine.placement import kv_cache_bytes, resolve_device, resolve_dtype
 from gptserve.engine.sampler import Sampler
 from gptserve.engine.sampling_params import SamplingParams
@@ -55,7 +55,7 @@ class LLMEngine:
             self.model, self.tokenizer = loaded
         self.model_config: ModelConfig = self.model.config
         mc = self.model_config
-        self.max_model_len = min(config.max_model_len or mc.n_positions, mc.n_positions)
+        max_model_len = min(config.max_model_len or mc.n_positions, mc.n_positions)
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         per_block = KVPool.bytes_per_block(mc.n_layer, config.block_size, mc.n_head, mc.head_dim, self.dtype)
         budget = kv_cache_bytes(self.device, config.kv_cache_memory, config.gpu_memory_utilization,
@@ -63,53 +63,31 @@ class LLMEngine:
         num_blocks = max(1, budget // per_block - 1)  # one more block is the pool's scratch block
         self.pool = KVPool(mc.n_layer, num_blocks, config.block_size, mc.n_head, mc.head_dim,
                            self.dtype, self.device)
+        self.limits = EngineLimits(max_model_len, mc.vocab_size, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         sampler = Sampler(mc.vocab_size, self.device, config.seed)
         graph_sizes = () if config.enforce_eager else tuple(
             b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.pool, sampler, self.max_model_len, graph_sizes)
+        self.runner = ModelRunner(self.model, self.pool, sampler, max_model_len, graph_sizes)
         if self.device.type == "cpu" and self.dtype == torch.float32:
             paged_decode()  # build (or load the cached build of) the CPU kernel now, not mid-request
         self.packed = pack_for_cpu(self.model)  # oneDNN-packed linear layers (CPU float32)
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        # test hook: called with each sequence that receives a token; an exception fails its request
-        self.fault_hook: Callable[[Sequence], None] | None = None
+        self.sequences_finished: dict[str, int] = {}  # by finish reason
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
                  model or "default model", self.device, str(self.dtype).removeprefix("torch."),
                  ", oneDNN-packed linear layers" if self.packed else "",
-                 num_blocks, config.block_size, num_blocks * per_block / 2**20, self.max_model_len)
+                 num_blocks, config.block_size, num_blocks * per_block / 2**20, max_model_len)
 
     # ---- requests --------------------------------------------------------------------
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise a clear error for a request that can never be served."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidPromptError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidPromptError(f"prompt token ids must be in [0, {vocab})")
-        limit = self.max_model_len
-        wanted = n + (params.max_tokens or 1)
-        if wanted > limit:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {limit} tokens, but the request asks for "
-                f"{wanted} ({n} in the prompt and {params.max_tokens or 1} to generate); "
-                "shorten the prompt or lower max_tokens", limit)
-        bm = self.block_manager
-        total = n + (params.max_tokens or limit - n)
-        if bm.blocks_needed(total) > bm.num_blocks:
-            cap = bm.num_blocks * bm.block_size
-            raise PromptTooLongError(
-                f"the request needs {total} tokens of KV cache, more than the whole pool holds "
-                f"({cap} tokens); raise --kv-cache-memory or shorten the request", cap)
-
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises (EngineLimits.check_request) for one that can never be served."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_request(prompt_token_ids, params)
+        self.limits.check_request(prompt_token_ids, params)
         tok = self.tokenizer
         seqs = [Sequence(request_id, i, prompt_token_ids, params,
                          StreamDetokenizer(tok, params.stop, params.include_stop_str_in_output))
@@ -119,15 +97,16 @@ class LLMEngine:
         self.scheduler.add(seqs[0])
         self.prompt_tokens += len(prompt_token_ids)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
+        """End a request now, its blocks freed; the output says so (None: no such request)."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         choices = []
         for seq in req.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq)
-                choices.append(ChoiceDelta(seq.index, "", [], finish_reason=FinishReason.ABORT))
+                self._finish(seq, reason, None, flush=False)
+                choices.append(ChoiceDelta(seq.index, "", [], finish_reason=reason))
         return RequestOutput(request_id, req.prompt_token_ids, choices, finished=True)
 
     def has_unfinished(self) -> bool:
@@ -154,8 +133,6 @@ class LLMEngine:
             if req is None or seq.is_finished:
                 continue
             try:
-                if self.fault_hook is not None:
-                    self.fault_hook(seq)
                 self._append_token(seq, token, logprob)
             except Exception as e:  # noqa: BLE001 - one request's failure stays its own
                 log.exception("request %s failed", seq.request_id)
@@ -164,8 +141,7 @@ class LLMEngine:
                 continue
             touched[seq.request_id] = req
             if seq.index == 0 and req.parked:  # the prompt is cached now: siblings share it
-                for sib in req.parked:
-                    self.scheduler.waiting.appendleft(sib)
+                self.scheduler.add_next(req.parked)
                 req.parked = []
         return failed + [self._output(req) for req in touched.values()]
 
@@ -184,8 +160,8 @@ class LLMEngine:
         seq.new_text += text
         if stop is not None:
             return self._finish(seq, FinishReason.STOP, stop, flush=False)
-        max_out = p.max_tokens or self.max_model_len - seq.num_prompt_tokens
-        if seq.num_output_tokens >= max_out or len(seq) >= self.max_model_len:
+        if (seq.num_output_tokens >= self.limits.max_new_tokens(seq.num_prompt_tokens, p)
+                or len(seq) >= self.limits.max_model_len):
             self._finish(seq, FinishReason.LENGTH, None)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason, flush: bool = True) -> None:
@@ -193,9 +169,10 @@ class LLMEngine:
             seq.new_text += seq.detokenizer.flush()
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        self.sequences_finished[reason.value] = self.sequences_finished.get(reason.value, 0) + 1
 
     def _fail(self, request_id: str, message: str) -> RequestOutput:
-        self.abort(request_id)
+        self.abort(request_id, FinishReason.ERROR)
         return RequestOutput(request_id, [], [], finished=True, error=message)
 
     def _output(self, req: Request) -> RequestOutput:
@@ -219,14 +196,20 @@ class LLMEngine:
         return out
 
     # ---- introspection -------------------------------------------------------------------
+    def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
+        """Attention of every layer and head over one prompt, and its top next tokens."""
+        self.limits.check_request(prompt_token_ids, SamplingParams(max_tokens=1))
+        return self.runner.inspect(prompt_token_ids, top_k, decimals)
+
     def stats(self) -> EngineStats:
         bm, sch = self.block_manager, self.scheduler
+        running = {s.request_id for s in sch.running}
         return EngineStats(
-            num_running=len(sch.running), num_waiting=len(sch.waiting),
+            num_requests_running=len(running), num_requests_waiting=len(self.requests) - len(running),
             kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             num_preemptions=sch.num_preemptions, prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.generation_tokens)
+            generation_tokens=self.generation_tokens, sequences_finished=dict(self.sequences_finished))
 
     # ---- offline use -----------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]

@@ -12,11 +12,11 @@ import logging
 import torch
 
 from gptserve.engine.cuda_graphs import DecodeGraphs
-from gptserve.engine.outputs import Logprob
+from gptserve.engine.outputs import Inspection, Logprob
 from gptserve.engine.sampler import Sampler, SamplerOutput
 from gptserve.engine.scheduler import ScheduledBatch
 from gptserve.engine.sequence import Sequence
-from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata, PrefillSpan
+from gptserve.model.attention import DenseAttention, KVPool, PagedAttention, PagedMetadata, PrefillSpan
 from gptserve.model.gpt2 import GPT2
 
 log = logging.getLogger(__name__)
@@ -114,3 +114,16 @@ class ModelRunner:
         for i, t in enumerate(targets):
             top = list(zip(top_ids[i].tolist(), top_vals[i].tolist())) if k else []
             seq.prompt_logprobs.append(Logprob(t, chosen[i], top))
+
+    @torch.inference_mode()
+    def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
+        """One prompt through the model with a recording attention backend (the KV pool is
+        not touched): every layer's and head's attention, and the top next tokens."""
+        attn = DenseAttention(batch_size=1, record=True)
+        ids = torch.tensor(prompt_token_ids, device=self.device)
+        hidden = self.model(ids, torch.arange(len(ids), device=self.device), attn)
+        probs, top = self.model.logits(hidden[-1:]).float()[0].softmax(-1).topk(top_k)
+        # float64 before rounding, so that 0.4965 is written as 0.4965, not 0.49649998
+        attention = [attn.weights[layer][0].double().round(decimals=decimals).tolist()
+                     for layer in sorted(attn.weights)]
+        return Inspection(attention, list(zip(top.tolist(), probs.tolist())))

@@ -9,7 +9,7 @@ class FinishReason(str, Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"  # the caller went away
-    ERROR = "error"  # the engine failed this request
+    ERROR = "error"  # the engine failed this request (the caller gets an error, not this reason)
 
 
 @dataclass
@@ -53,8 +53,8 @@ class Inspection:
 
 @dataclass
 class EngineStats:
-    num_running: int
-    num_waiting: int
+    num_requests_running: int  # requests with a sequence in the running batch
+    num_requests_waiting: int  # the other unfinished requests
     kv_blocks_total: int
     kv_blocks_used: int
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
@@ -62,6 +62,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int  # counters since start
     generation_tokens: int
+    sequences_finished: dict[str, int] = field(default_factory=dict)  # by finish reason, since start
 
 
 class EngineError(Exception):
@@ -69,11 +70,22 @@ class EngineError(Exception):
 
 
 class PromptTooLongError(EngineError, ValueError):
-    """The prompt plus max_tokens can't fit the context or the KV pool."""
+    """The prompt plus max_tokens can't fit the context (or, with kv_pool, the whole KV pool)."""
 
-    def __init__(self, message: str, limit: int):
+    def __init__(self, num_prompt_tokens: int, max_tokens: int | None, limit: int, kv_pool: bool = False):
+        if kv_pool:
+            message = (f"The request needs {num_prompt_tokens + (max_tokens or 0)} tokens of KV cache, more than "
+                       f"the whole pool holds ({limit} tokens). Please raise --kv-cache-memory or shorten the "
+                       "request.")
+        elif max_tokens is None:
+            message = (f"This model's maximum context length is {limit} tokens. However, your prompt resulted "
+                       f"in {num_prompt_tokens} tokens, leaving no room for the completion. Please reduce the "
+                       "length of the prompt.")
+        else:
+            message = (f"This model's maximum context length is {limit} tokens. However, you requested "
+                       f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
+                       "in the completion). Please reduce the length of the prompt or completion.")
         super().__init__(message)
-        self.limit = limit
 
 
 class InvalidPromptError(EngineError, ValueError):

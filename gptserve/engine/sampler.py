@@ -49,9 +49,8 @@ class Sampler:
         if any(p.logit_bias for p in params):
             rows, cols, vals = [], [], []
             for i, p in enumerate(params):
-                for tok, bias in p.logit_bias.items():
-                    if 0 <= tok < self.vocab_size:
-                        rows.append(i), cols.append(tok), vals.append(bias)
+                for tok, bias in p.logit_bias.items():  # ids checked by EngineLimits.check_request
+                    rows.append(i), cols.append(tok), vals.append(bias)
             dev = logits.device
             logits = logits.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
                                       torch.tensor(vals, device=dev), accumulate=True)

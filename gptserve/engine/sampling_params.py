@@ -64,8 +64,8 @@ class SamplingParams:
         for tok, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
                 bad(f"logit_bias for token {tok} must be in [-100, 100], got {bias}", "logit_bias")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad(f"top_logprobs must be in [0, 20], got {self.logprobs}", "top_logprobs")
+        if self.logprobs is not None and self.logprobs < 0:  # the upper bound is the server's (--max-top-logprobs)
+            bad(f"top_logprobs must be at least 0, got {self.logprobs}", "top_logprobs")
 
     @property
     def greedy(self) -> bool:

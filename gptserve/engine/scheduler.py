@@ -40,8 +40,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+    def add_next(self, seqs: list[Sequence]) -> None:
+        """Queue seqs ahead of everything waiting (n > 1 siblings, once their prompt is cached)."""
+        self.waiting.extendleft(reversed(seqs))
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()

@@ -14,6 +14,8 @@ fraction of that. Same answer as torch.argmax, NaN rows included.
 They are built with torch.utils.cpp_extension (a C++ compiler and ninja are needed; the
 build is cached per machine). Where they can't be built, or GPTSERVE_NO_KERNELS=1 is set,
 `paged_decode()` and `row_argmax()` are None and the PyTorch path is used. float32 only.
+Both release the GIL while they run, so other Python threads (the server's event loop)
+keep going meanwhile.
 """
 from __future__ import annotations
 
@@ -117,6 +119,14 @@ torch::Tensor row_argmax(torch::Tensor logits) {
   });
   return out;
 }
+
+// The GIL is released while a kernel runs: the event loop sends SSE chunks while a step's kernels run.
+// wrap_pybind_function_no_gil is load_inline's own wrapper (torch's error and warning translation)
+// plus a py::gil_scoped_release inside it, so errors are still turned into Python ones with the GIL held.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", torch::wrap_pybind_function_no_gil(paged_decode), "paged_decode");
+  m.def("row_argmax", torch::wrap_pybind_function_no_gil(row_argmax), "row_argmax");
+}
 """
 
 PagedDecode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
@@ -148,7 +158,8 @@ def _module():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="gptserve_cpu_kernels", cpp_sources=[SOURCE], functions=["paged_decode", "row_argmax"],
+        # v2: the bindings are in SOURCE now (GIL released); a new name so an old cached build isn't loaded
+        return load_inline(name="gptserve_cpu_kernels_v2", cpp_sources=[SOURCE],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja: the PyTorch path still works

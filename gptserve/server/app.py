@@ -31,7 +31,7 @@ from gptserve.server.serving_chat import ServingChat
 from gptserve.server.serving_completion import ServingCompletion
 
 if TYPE_CHECKING:
-    from gptserve.engine.async_engine import AsyncEngine
+    from gptserve.engine.client import EngineClient
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -82,7 +82,7 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
-def build_app(engine: "AsyncEngine", server_config: ServerConfig | None = None) -> FastAPI:
+def build_app(engine: "EngineClient", server_config: ServerConfig | None = None) -> FastAPI:
     config = server_config or ServerConfig()
     eos = engine.tokenizer.token_str(engine.tokenizer.eos_token_id)
     ctx = ServingContext(engine, config, ServerMetrics(engine), ChatTemplate.load(config.chat_template, eos, eos))
@@ -90,7 +90,7 @@ def build_app(engine: "AsyncEngine", server_config: ServerConfig | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        log.info("serving %s (context %d tokens)", ctx.served_model_name, ctx.max_model_len)
+        log.info("serving %s (context %d tokens)", ctx.served_model_name, ctx.limits.max_model_len)
         try:
             yield
         finally:

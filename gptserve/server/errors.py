@@ -127,16 +127,17 @@ def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSON
                         status_code=err.status_code, headers=headers)
 
 
-def from_exception(exc: BaseException, request_id: str | None = None) -> APIError:
-    """The APIError a client sees for any exception raised while serving a request."""
+def from_exception(exc: BaseException, request_id: str | None = None, prompt_param: str = "prompt") -> APIError:
+    """The APIError a client sees for any exception raised while serving a request;
+    `prompt_param` is the field that carried the prompt (chat's is "messages")."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidSamplingParams):
         return InvalidRequestError(str(exc), param=exc.param)
     if isinstance(exc, InvalidPromptError):
-        return InvalidRequestError(str(exc), param="prompt")
+        return InvalidRequestError(str(exc), param=prompt_param)
     if isinstance(exc, PromptTooLongError):
-        return ContextLengthExceededError(str(exc))  # names the limit
+        return ContextLengthExceededError(str(exc), param=prompt_param)  # names the limit
     if isinstance(exc, RequestFailedError):
         return EngineFailedError(f"{exc}")
     if isinstance(exc, EngineDeadError):

@@ -1,15 +1,13 @@
 """POST /v1/inspect: how the serving model reads a prompt, for the playground's inspect view.
 
-The serving model itself runs the prompt once with a recording attention backend
-(`engine.inspect`, no second model implementation); the answer is every layer's and
-head's attention weights over the prompt's tokens and the most likely next tokens. The
-prompt is capped at what a heatmap can show (MAX_INSPECT_TOKENS); the run takes one of
-the server's queue slots, like a generation, so inspection can't crowd out serving.
+An engine request (`engine.inspect`): the serving model runs the prompt once, on the
+engine thread, with a recording attention backend (no second model implementation); the
+answer is every layer's and head's attention weights over the prompt's tokens and the
+most likely next tokens. The prompt is capped at what a heatmap can show
+(MAX_INSPECT_TOKENS); the run takes one of the server's queue slots, like a generation,
+so inspection can't crowd out serving.
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -49,21 +47,10 @@ class InspectResponse(OpenAIModel):
     top_next_tokens: list[NextToken]  # most likely first
 
 
-@contextmanager
-def queue_slot(ctx: ServingContext) -> Iterator[None]:
-    """One of the server's --max-queued-requests slots for the time of the run (429 when none)."""
-    ctx.reserve_slots(1)
-    try:
-        yield
-    finally:
-        ctx.num_in_flight -= 1
-
-
 def prompt_ids(ctx: ServingContext, prompt: str) -> list[int]:
+    """The prompt's tokens, at most a heatmap's worth (the engine refuses an empty one)."""
     ids = ctx.tokenizer.encode(prompt)
-    limit = min(MAX_INSPECT_TOKENS, ctx.max_model_len)
-    if not ids:
-        raise InvalidRequestError("The prompt is empty: inspection needs at least one token.", param="prompt")
+    limit = min(MAX_INSPECT_TOKENS, ctx.limits.max_model_len)
     if len(ids) > limit:
         raise InvalidRequestError(f"Inspection draws at most {limit} prompt tokens; this prompt has {len(ids)}. "
                                   "Please shorten the prompt.", param="prompt")
@@ -76,8 +63,11 @@ async def inspect_prompt(body: InspectRequest, request: Request) -> Response:
     ctx.check_model(body.model)
     ctx.check_ready()
     ids = prompt_ids(ctx, body.prompt)
-    with queue_slot(ctx):
+    ctx.reserve_slots(1)  # 429 when none is free
+    try:
         seen = await cancel_on_disconnect(request, ctx.engine.inspect(ids, body.top_k, ROUND_DECIMALS))
+    finally:
+        ctx.release_slots(1)
     config = ctx.engine.model_config
     answer = InspectResponse(
         model=ctx.served_model_name, tokens=ids, token_strs=[ctx.tokenizer.token_str(t) for t in ids],

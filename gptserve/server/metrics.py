@@ -11,8 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from gptserve.engine.async_engine import AsyncEngine
-    from gptserve.engine.outputs import EngineStats, FinishReason, RequestOutput
+    from gptserve.engine.client import EngineClient
+    from gptserve.engine.outputs import EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25
 
 # (metric, kind, EngineStats field, help): what the engine reports, as Prometheus series
 ENGINE_SERIES = [
-    ("gptserve_num_requests_running", GaugeMetricFamily, "num_running", "Requests in the running batch."),
-    ("gptserve_num_requests_waiting", GaugeMetricFamily, "num_waiting", "Requests waiting to be scheduled."),
+    ("gptserve_num_requests_running", GaugeMetricFamily, "num_requests_running",
+     "Requests with a sequence in the running batch."),
+    ("gptserve_num_requests_waiting", GaugeMetricFamily, "num_requests_waiting",
+     "Unfinished requests with no sequence in the running batch."),
     ("gptserve_kv_blocks_used", GaugeMetricFamily, "kv_blocks_used", "KV cache blocks in use."),
     ("gptserve_kv_blocks_total", GaugeMetricFamily, "kv_blocks_total", "KV cache blocks in the pool."),
     ("gptserve_prefix_cache_queries", CounterMetricFamily, "prefix_cache_queries",
@@ -39,7 +41,7 @@ ENGINE_SERIES = [
 class EngineCollector(Collector):
     """Reads `engine.stats()` whenever Prometheus scrapes, so gauges are never stale."""
 
-    def __init__(self, engine: "AsyncEngine"):
+    def __init__(self, engine: "EngineClient"):
         self.engine = engine
 
     def describe(self) -> Iterator[Metric]:
@@ -61,10 +63,15 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("gptserve_prefix_cache_hit_rate",
                                 "Share of looked-up prompt tokens found in the prefix cache, since start.",
                                 value=hit_rate)
+        finished = CounterMetricFamily("gptserve_sequences_finished", "Choices (sequences) finished, by reason.",
+                                       labels=["finish_reason"])
+        for reason, count in sorted((stats.sequences_finished if stats else {}).items()):
+            finished.add_metric([reason], float(count))
+        yield finished
 
 
 class ServerMetrics:
-    def __init__(self, engine: "AsyncEngine"):
+    def __init__(self, engine: "EngineClient"):
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine))
         self.time_to_first_token = Histogram(
@@ -76,9 +83,6 @@ class ServerMetrics:
         self.e2e_request_latency = Histogram(
             "gptserve_e2e_request_latency_seconds", "From arrival to the last token.",
             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.sequences_finished = Counter(
-            "gptserve_sequences_finished", "Choices (sequences) finished, by reason.",
-            ["finish_reason"], registry=self.registry)
         self.requests_rejected = Counter(
             "gptserve_requests_rejected", "Requests refused because the queue was full.",
             registry=self.registry)
@@ -88,13 +92,12 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """One engine request's latencies and finish reasons, recorded as its outputs arrive."""
+    """One engine request's latencies, recorded as its outputs arrive."""
 
-    def __init__(self, metrics: ServerMetrics, n: int):
+    def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
         self.arrival = time.monotonic()
         self.last_token_time: float | None = None
-        self.unfinished = set(range(n))  # choice indexes
 
     def record(self, out: "RequestOutput") -> None:
         now, m = time.monotonic(), self.metrics
@@ -106,15 +109,5 @@ class RequestTracker:
                 m.inter_token_latency.observe((now - self.last_token_time) / new_tokens)
         if new_tokens:
             self.last_token_time = now
-        for choice in out.choices:
-            if choice.finish_reason is not None:
-                m.sequences_finished.labels(choice.finish_reason.value).inc()
-                self.unfinished.discard(choice.index)
         if out.finished:
             m.e2e_request_latency.observe(now - self.arrival)
-
-    def record_cut(self, reason: "FinishReason") -> None:
-        """The request ended without the engine's word (client gone, or failed)."""
-        if self.unfinished:
-            self.metrics.sequences_finished.labels(reason.value).inc(len(self.unfinished))
-            self.unfinished.clear()

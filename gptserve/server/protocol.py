@@ -167,8 +167,9 @@ class SamplingRequest(OpenAIRequest):
     def wants_prompt_logprobs(self) -> bool:
         return False
 
-    def to_sampling_params(self, vocab_size: int, extra_stop: list[str] | None = None) -> SamplingParams:
-        """Raises InvalidSamplingParams (a 400 naming the field) for out-of-range values."""
+    def to_sampling_params(self, extra_stop: list[str] | None = None) -> SamplingParams:
+        """Raises InvalidSamplingParams (a 400 naming the field) for out-of-range values; token
+        ids (logit_bias) are checked against the vocabulary by the engine."""
         return SamplingParams(
             n=1 if self.n is None else self.n,
             max_tokens=self.max_new_tokens(),
@@ -179,7 +180,7 @@ class SamplingRequest(OpenAIRequest):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            logit_bias=self._token_logit_bias(vocab_size),
+            logit_bias=self._token_logit_bias(),
             seed=self.seed,
             logprobs=self.num_logprobs(),
             prompt_logprobs=self.wants_prompt_logprobs(),
@@ -187,17 +188,13 @@ class SamplingRequest(OpenAIRequest):
             ignore_eos=bool(self.ignore_eos),
         )
 
-    def _token_logit_bias(self, vocab_size: int) -> dict[int, float]:
+    def _token_logit_bias(self) -> dict[int, float]:
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             try:
-                token_id = int(key)
+                bias[int(key)] = value
             except ValueError:
                 raise InvalidSamplingParams(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-            if not 0 <= token_id < vocab_size:
-                raise InvalidSamplingParams(
-                    f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})", "logit_bias")
-            bias[token_id] = value
         return bias
 
 
@@ -206,7 +203,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = documented(minimum=1)  # None: up to the context limit
     max_completion_tokens: int | None = documented(minimum=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
-    top_logprobs: int | None = documented(minimum=0, maximum=20)  # at most --max-top-logprobs
+    top_logprobs: int | None = documented(minimum=0)  # at most --max-top-logprobs
     # OpenAI features this server can't honour, declared so they are refused by name
     # (documented as the values that are accepted)
     tools: Any = documented(**nullable({"type": "array", "maxItems": 0}))
@@ -277,7 +274,7 @@ class CompletionRequest(SamplingRequest):
     prompt: PromptInput | None = None  # None: "<|endoftext|>", a new document
     max_tokens: int | None = documented(16, minimum=1)
     echo: bool | None = False
-    logprobs: int | None = documented(minimum=0, maximum=20)  # the chosen token's logprob and this many alternatives
+    logprobs: int | None = documented(minimum=0)  # the chosen token's logprob and this many alternatives (at most --max-top-logprobs)
     suffix: str | None = None  # refused: no insertion
     best_of: int | None = None  # only best_of == n
 

@@ -46,7 +46,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 
 def _model_card(ctx: ServingContext) -> ModelCard:
-    return ModelCard(id=ctx.served_model_name, created=ctx.created, max_model_len=ctx.max_model_len)
+    return ModelCard(id=ctx.served_model_name, created=ctx.created, max_model_len=ctx.limits.max_model_len)
 
 
 @api_router.get("/v1/models")
@@ -69,7 +69,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         tokens = ctx.encode_chat(body.messages, body.add_generation_prompt)
     else:
         tokens = ctx.tokenizer.encode(body.prompt)
-    return TokenizeResponse(count=len(tokens), max_model_len=ctx.max_model_len, tokens=tokens,
+    return TokenizeResponse(count=len(tokens), max_model_len=ctx.limits.max_model_len, tokens=tokens,
                             token_strs=[ctx.tokenizer.token_str(t) for t in tokens])
 
 

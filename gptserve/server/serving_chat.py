@@ -14,8 +14,8 @@ from gptserve.model.tokenizer import Tokenizer
 from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
                                       ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                                       ChatLogprobToken, ChatResponseMessage, DeltaMessage, TopLogprob, Usage)
-from gptserve.server.serving import (Generation, ServingContext, UsageCounter, clamp_logprob, collect,
-                                     finish_reason_of, usage_of)
+from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
+from gptserve.server.serving import ServingContext, clamp_logprob
 
 
 def chat_logprobs(tokenizer: Tokenizer, logprobs: list[Logprob]) -> ChatLogprobs:
@@ -41,11 +41,8 @@ class ServingChat:
         max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         ctx.check_limits(req, max_tokens_param, "top_logprobs")
         prompt_ids = ctx.encode_chat(req.messages)
-        params = req.to_sampling_params(ctx.vocab_size, extra_stop=ctx.chat_template.stop)
-        ctx.check_length(len(prompt_ids), params.max_tokens, "messages")
-        ctx.cap_max_tokens(params, [len(prompt_ids)])
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generation = ctx.open_generation([prompt_ids], params, request_id)
+        params = req.to_sampling_params(extra_stop=ctx.chat_template.stop)
+        generation = ctx.open_generation([prompt_ids], params, f"chatcmpl-{uuid.uuid4().hex}", "messages")
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._chunks(req, generation), lambda: self._complete(req, generation))
 
@@ -71,7 +68,7 @@ class ServingChat:
             return ChatCompletionChunk(id=request_id, created=created, model=self.ctx.served_model_name,
                                        choices=choices, usage=usage).model_dump_json()
 
-        for i in range(generation.params.n):
+        for i in range(generation.n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         usage = UsageCounter()
         async for prompt_index, out in generation:
@@ -81,7 +78,7 @@ class ServingChat:
                 if delta.text or logprobs:
                     yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text),
                                                  logprobs=logprobs)])
-                finish_reason = finish_reason_of(delta.finish_reason, request_id)
+                finish_reason = finish_reason_of(delta.finish_reason)
                 if finish_reason:
                     yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(),
                                                  finish_reason=finish_reason)])

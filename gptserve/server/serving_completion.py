@@ -15,8 +15,8 @@ from gptserve.model.tokenizer import Tokenizer
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                       Usage)
-from gptserve.server.serving import (Generation, ServingContext, UsageCounter, clamp_logprob, collect,
-                                     finish_reason_of, usage_of)
+from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
+from gptserve.server.serving import ServingContext, clamp_logprob
 
 
 class LogprobWriter:
@@ -66,14 +66,10 @@ class ServingCompletion:
         ctx.check_limits(req, "max_tokens", "logprobs")
         prompts, prompt_texts = self._prompts(req)
         try:
-            params = req.to_sampling_params(ctx.vocab_size)
+            params = req.to_sampling_params()
         except InvalidSamplingParams as e:  # completions call top_logprobs `logprobs`
             raise InvalidRequestError(str(e), param="logprobs" if e.param == "top_logprobs" else e.param) from None
-        for ids in prompts:
-            ctx.check_length(len(ids), params.max_tokens, "prompt")
-        ctx.cap_max_tokens(params, [len(ids) for ids in prompts])
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        generation = ctx.open_generation(prompts, params, request_id)
+        generation = ctx.open_generation(prompts, params, f"cmpl-{uuid.uuid4().hex}", "prompt")
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._chunks(req, generation, prompt_texts),
                                  lambda: self._complete(req, generation, prompt_texts))
@@ -103,7 +99,7 @@ class ServingCompletion:
     async def _complete(self, req: CompletionRequest, generation: Generation,
                         prompt_texts: list[str]) -> CompletionResponse:
         results = await collect(generation)
-        n, choices = generation.params.n, []
+        n, choices = generation.n, []
         for prompt_index, result in enumerate(results):
             for i, choice in enumerate(result.choices):
                 writer = LogprobWriter(self.ctx.tokenizer)
@@ -121,7 +117,7 @@ class ServingCompletion:
 
     async def _chunks(self, req: CompletionRequest, generation: Generation,
                       prompt_texts: list[str]) -> AsyncIterator[str]:
-        created, request_id, n = int(time.time()), generation.request_id, generation.params.n
+        created, request_id, n = int(time.time()), generation.request_id, generation.n
         writers: dict[int, LogprobWriter] = {}  # by choice index
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
@@ -146,7 +142,7 @@ class ServingCompletion:
                     logprobs = writers[index].write(delta.token_ids, delta.logprobs)
                 if delta.text or logprobs:
                     yield chunk([CompletionChoice(index=index, text=delta.text, logprobs=logprobs)])
-                finish_reason = finish_reason_of(delta.finish_reason, request_id)
+                finish_reason = finish_reason_of(delta.finish_reason)
                 if finish_reason:
                     yield chunk([CompletionChoice(index=index, text="", finish_reason=finish_reason)])
         if req.include_usage:

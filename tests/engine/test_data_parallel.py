@@ -1,8 +1,6 @@
 """Data parallel front: replicas behind one engine interface, least-loaded routing."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from gptserve.config import EngineConfig
@@ -20,28 +18,49 @@ def test_replicas_go_one_per_gpu_and_refuse_missing_gpus():
         replica_devices("cuda:1", 2, cuda_count=2)
 
 
-async def test_requests_spread_over_replicas_by_load_and_all_finish(tiny_checkpoint):
+async def test_each_request_goes_to_the_least_loaded_replica_and_all_finish(tiny_checkpoint):
     cfg = EngineConfig(device="cpu", kv_cache_memory=4 * 2**20, data_parallel_size=2)
     engine = build_engine(str(tiny_checkpoint), cfg)
     assert isinstance(engine, DataParallelEngine) and len(engine.replicas) == 2
     engine.start()
-    seen_loads = []
-
-    async def one(i):
-        n = 0
-        async for out in engine.generate([1, 2, i], SamplingParams(max_tokens=6, ignore_eos=True), f"r{i}"):
-            seen_loads.append(tuple(engine.in_flight))
-            n += sum(len(c.token_ids) for c in out.choices)
-        return n
-
     try:
-        counts = await asyncio.gather(*(one(i) for i in range(10)))
-        assert counts == [6] * 10
-        assert any(a > 0 and b > 0 for a, b in seen_loads), "one replica took everything"
-        assert all(abs(a - b) <= 1 for a, b in seen_loads[:1])
+        streams, loads, counts = [], [], []
+        for i in range(10):  # each request opened while the ones before it are still in flight
+            stream = engine.generate([1, 2, i], SamplingParams(max_tokens=6, ignore_eos=True), f"r{i}")
+            first = await stream.__anext__()
+            streams.append(stream)
+            loads.append(tuple(engine.in_flight))
+            counts.append(sum(len(c.token_ids) for c in first.choices))
+        assert loads == [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2), (3, 3), (4, 3), (4, 4), (5, 4), (5, 5)]
+        for i, stream in enumerate(streams):
+            async for out in stream:
+                counts[i] += sum(len(c.token_ids) for c in out.choices)
+        assert counts == [6] * 10 and engine.in_flight == [0, 0] and engine.owner == {}
         stats = engine.stats()
         assert stats.generation_tokens == 60 and stats.kv_blocks_used == 0
-        gens = [r.stats().generation_tokens for r in engine.replicas]
-        assert gens == [30, 30]
+        assert stats.sequences_finished == {"length": 10}
+        assert [r.stats().generation_tokens for r in engine.replicas] == [30, 30]
+    finally:
+        await engine.shutdown()
+
+
+async def test_an_abort_goes_to_the_replica_that_runs_the_request(tiny_checkpoint):
+    cfg = EngineConfig(device="cpu", kv_cache_memory=4 * 2**20, data_parallel_size=2)
+    engine = build_engine(str(tiny_checkpoint), cfg)
+    engine.start()
+    try:
+        held = engine.generate([1, 2], SamplingParams(max_tokens=200, ignore_eos=True), "first")
+        await held.__anext__()
+        stream = engine.generate([3, 4], SamplingParams(max_tokens=200, ignore_eos=True), "second")
+        await stream.__anext__()
+        assert engine.owner == {"first": 0, "second": 1}
+        engine.abort("second")
+        finish = None
+        async for out in stream:
+            finish = out.choices[-1].finish_reason if out.choices else finish
+        assert finish.value == "abort"
+        assert engine.replicas[1].stats().sequences_finished == {"abort": 1}
+        assert engine.replicas[0].stats().sequences_finished == {}
+        await held.aclose()
     finally:
         await engine.shutdown()

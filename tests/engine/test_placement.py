@@ -21,10 +21,32 @@ def test_devices_are_checked_before_use():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(PlacementError, match="unknown device 'tpu'"):
         resolve_device("tpu")
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type in ("cpu", "mps")
+    with pytest.raises(PlacementError, match="unknown device 'cuda:x'"):
+        resolve_device("cuda:x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_without_cuda_auto_falls_back_and_cuda_is_refused():
+    assert resolve_device("auto").type in ("cpu", "mps")
+    for name in ("cuda", "cuda:0", "cuda:1"):
         with pytest.raises(PlacementError, match="no CUDA GPU"):
-            resolve_device("cuda:1")
+            resolve_device(name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_with_cuda_auto_and_cuda_name_the_first_gpu_and_a_missing_index_is_refused():
+    count = torch.cuda.device_count()
+    assert resolve_device("auto") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda:0")  # an explicit index, not a bare "cuda"
+    assert resolve_device(f"cuda:{count - 1}") == torch.device(f"cuda:{count - 1}")
+    with pytest.raises(PlacementError, match=rf"cuda:{count}: only {count} CUDA GPU\(s\) present"):
+        resolve_device(f"cuda:{count}")
+    cuda = torch.device("cuda:0")
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert resolve_dtype("auto", cuda) is expected
+    assert kv_cache_bytes(cuda, 12345, 0.9, 10**9) == 12345
+    with pytest.raises(PlacementError, match="no GPU memory left"):
+        kv_cache_bytes(cuda, None, 0.0, 10**9)
 
 
 def test_sizes_read_as_people_write_them():

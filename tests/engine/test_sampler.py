@@ -93,11 +93,21 @@ def test_logprobs_are_the_models_log_softmax_with_sorted_alternatives():
     assert out.logprobs[1] is None
 
 
-def test_a_seeded_row_draws_the_same_token_whatever_its_neighbours():
-    sampler = Sampler(V, torch.device("cpu"))
+def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours():
+    cpu = torch.device("cpu")
     logits = logits_rows(4, seed=6)
+    logits[2] = 0.0  # the seeded row is flat over V tokens: 60 draws agree by chance with p = V**-60
+
+    def draws(sampler: Sampler, batch: list[Sequence], row: int, steps: int = 60) -> list[int]:
+        rows = logits[2:3] if len(batch) == 1 else logits
+        return [sampler(rows, batch).token_ids[row] for _ in range(steps)]
+
     p = SamplingParams(temperature=1.0, seed=42)
-    alone = [sampler(logits[2:3], seqs(p))]
-    mixed = [sampler(logits, seqs(SamplingParams(temperature=1.0), SamplingParams(temperature=1.0), p,
-                                  SamplingParams(temperature=1.0)))]
-    assert alone[0].token_ids[0] == mixed[0].token_ids[2]
+    alone = draws(Sampler(V, cpu, seed=1), seqs(p), 0)
+    # other batch generators, unseeded neighbours drawing from them on every step
+    mixed = draws(Sampler(V, cpu, seed=2), seqs(SamplingParams(temperature=1.0), SamplingParams(temperature=1.0), p,
+                                                 SamplingParams(temperature=0.7, top_k=5)), 2)
+    assert alone == mixed
+    assert len(set(alone)) > 10, "the seeded row is not really sampling"
+    other_seed = draws(Sampler(V, cpu, seed=1), seqs(SamplingParams(temperature=1.0, seed=43)), 0)
+    assert other_seed != alone

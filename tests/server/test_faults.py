@@ -67,10 +67,11 @@ def assert_nothing_held(running: RunningServer) -> None:
 
 
 @pytest.fixture
-def arm_fault(server: RunningServer) -> Iterator:
+def arm_fault(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     """arm(after=k): the engine raises while appending the (k+1)-th token of any sequence whose
-    prompt contains FAULTY, through the engine's fault_hook; disarmed after the test."""
+    prompt contains FAULTY (its _append_token wrapped); disarmed after the test."""
     engine = server.serving.engine.engine  # the LLMEngine inside the server's AsyncEngine
+    append_token = engine._append_token
     marker = engine.tokenizer.encode(" " + FAULTY)  # as the chat template writes it, after "User:"
 
     def carries_marker(seq: Sequence) -> bool:
@@ -78,13 +79,13 @@ def arm_fault(server: RunningServer) -> Iterator:
         return any(prompt[i:i + len(marker)] == marker for i in range(len(prompt) - len(marker) + 1))
 
     def arm(after: int = 0) -> None:
-        def hook(seq: Sequence) -> None:
+        def faulty(seq: Sequence, token: int, logprob) -> None:
             if seq.num_output_tokens >= after and carries_marker(seq):
                 raise RuntimeError("injected fault")
-        engine.fault_hook = hook
+            append_token(seq, token, logprob)
+        monkeypatch.setattr(engine, "_append_token", faulty)
 
     yield arm
-    engine.fault_hook = None
 
 
 async def test_a_fault_fails_only_its_request_with_a_500_carrying_its_id(server: RunningServer, arm_fault):

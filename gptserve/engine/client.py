@@ -1,0 +1,48 @@
+"""`EngineClient`: all the server knows of an engine, whatever runs behind it.
+
+One engine replica (`AsyncEngine`) and several behind one front (`DataParallelEngine`)
+both implement it; the server is written against this protocol only. A request's life
+is `generate`: iterate it for the request's outputs; stop iterating (close it, or cancel
+the task that iterates) and the request is aborted, its KV blocks freed at the next step.
+"""
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from gptserve.config import ModelConfig
+from gptserve.engine.limits import EngineLimits
+from gptserve.engine.outputs import EngineStats, Inspection, RequestOutput
+from gptserve.engine.sampling_params import SamplingParams
+from gptserve.model.tokenizer import Tokenizer
+
+
+class EngineClient(Protocol):
+    model_name: str
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    limits: EngineLimits
+
+    @property
+    def is_ready(self) -> bool:
+        """Started, alive and not shutting down (health checks)."""
+
+    def start(self) -> None:
+        """Start the step loop(s); the server's lifespan calls it."""
+
+    async def shutdown(self) -> None:
+        """Abort what is in flight (each stream ends with finish_reason 'abort') and stop."""
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        """The request's outputs, the last with finished=True. Raises EngineError subclasses:
+        the request can't be served (PromptTooLongError, InvalidPromptError), it failed
+        (RequestFailedError), or the engine stopped (EngineDeadError)."""
+
+    def abort(self, request_id: str) -> None:
+        """End a request from outside its stream (its stream gets finish_reason 'abort')."""
+
+    async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
+        """How the serving model reads one prompt: attention weights and top next tokens."""
+
+    def stats(self) -> EngineStats:
+        """The latest counters and gauges (no waiting on the engine)."""
