@@ -66,12 +66,14 @@ class DataParallelEngine:
         i = self.pick()
         self.in_flight[i] += 1
         self.owner[request_id] = i
+        stream = self.replicas[i].generate(prompt_token_ids, params, request_id)
         try:
-            async for out in self.replicas[i].generate(prompt_token_ids, params, request_id):
+            async for out in stream:
                 yield out
         finally:
             self.in_flight[i] -= 1
             self.owner.pop(request_id, None)
+            await stream.aclose()  # closed unfinished: the replica aborts it
 
     def abort(self, request_id: str) -> None:
         i = self.owner.get(request_id)

@@ -1,6 +1,8 @@
 """Data parallel front: replicas behind one engine interface, least-loaded routing."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gptserve.config import EngineConfig
@@ -61,6 +63,12 @@ async def test_an_abort_goes_to_the_replica_that_runs_the_request(tiny_checkpoin
         assert finish.value == "abort"
         assert engine.replicas[1].stats().sequences_finished == {"abort": 1}
         assert engine.replicas[0].stats().sequences_finished == {}
-        await held.aclose()
+        await held.aclose()  # closing a stream unfinished aborts it on its replica
+        for _ in range(200):
+            if engine.replicas[0].stats().sequences_finished:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.replicas[0].stats().sequences_finished == {"abort": 1}
+        assert engine.stats().kv_blocks_used == 0
     finally:
         await engine.shutdown()
