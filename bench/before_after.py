@@ -47,6 +47,7 @@ def run_side(args: argparse.Namespace, checkpoint: Path, source: Path, tag: str)
                             "--seed", "0", "--warmup", "0", "--result-file", str(result), "--disable-tqdm"],
                            check=True, stdout=subprocess.DEVNULL)
             out[c] = json.loads(result.read_text())
+            out[c].pop("config", None)  # the command line, with this machine's paths
             print(f"{tag} c={c}: {out[c]['output_throughput']:.1f} tok/s, ITL p50 "
                   f"{out[c]['itl_ms']['p50']:.1f} ms", flush=True)
     return out

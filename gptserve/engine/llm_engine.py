@@ -13,6 +13,7 @@ import torch
 from gptserve.config import EngineConfig, ModelConfig
 from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.detokenizer import StreamDetokenizer
+from gptserve.engine.grammar import GrammarCompiler, GrammarError
 from gptserve.engine.limits import EngineLimits
 from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.outputs import ChoiceDelta, EngineStats, FinishReason, Inspection, RequestOutput
@@ -74,6 +75,7 @@ class LLMEngine:
             paged_decode()  # build (or load the cached build of) the CPU kernel now, not mid-request
         self.packed = pack_for_cpu(self.model)  # oneDNN-packed linear layers (CPU float32)
         self.requests: dict[str, Request] = {}
+        self._grammars: GrammarCompiler | None = None  # built at the first constrained request
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.sequences_finished: dict[str, int] = {}  # by finish reason
@@ -92,6 +94,9 @@ class LLMEngine:
         seqs = [Sequence(request_id, i, prompt_token_ids, params,
                          StreamDetokenizer(tok, params.stop, params.include_stop_str_in_output))
                 for i in range(params.n)]
+        if params.grammar is not None:
+            for seq in seqs:
+                seq.matcher = self.grammars.matcher(params.grammar)
         req = Request(request_id, list(prompt_token_ids), params, seqs, parked=seqs[1:])
         self.requests[request_id] = req
         self.scheduler.add(seqs[0])
@@ -118,7 +123,9 @@ class LLMEngine:
         if not batch:
             return []
         try:
-            sampled, out = self.runner.run(batch)
+            due = batch.due
+            masks = self._grammars.start_masks([s.matcher for s in due]) if self._grammars is not None else None
+            sampled, out = self.runner.run(batch, masks)
         except Exception as e:  # noqa: BLE001 - a failed forward fails its batch, not the engine
             log.exception("model step failed; failing the %d requests in it", batch.num_tokens)
             reqs = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
@@ -152,7 +159,9 @@ class LLMEngine:
         if logprob is not None:
             seq.new_logprobs.append(logprob)
         p = seq.params
-        if token == self.tokenizer.eos_token_id and not p.ignore_eos:
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            raise GrammarError(f"token {token} broke the grammar: {seq.matcher.get_error()}")
+        if token == self.tokenizer.eos_token_id and (not p.ignore_eos or seq.matcher is not None):
             return self._finish(seq, FinishReason.STOP, None)
         if token in p.stop_token_ids:
             return self._finish(seq, FinishReason.STOP, token)
@@ -160,6 +169,8 @@ class LLMEngine:
         seq.new_text += text
         if stop is not None:
             return self._finish(seq, FinishReason.STOP, stop, flush=False)
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            return self._finish(seq, FinishReason.STOP, None)
         if (seq.num_output_tokens >= self.limits.max_new_tokens(seq.num_prompt_tokens, p)
                 or len(seq) >= self.limits.max_model_len):
             self._finish(seq, FinishReason.LENGTH, None)
@@ -194,6 +205,12 @@ class LLMEngine:
         if finished:
             del self.requests[req.request_id]
         return out
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        return self._grammars
 
     # ---- introspection -------------------------------------------------------------------
     def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:

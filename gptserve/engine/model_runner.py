@@ -8,6 +8,7 @@ On CUDA, decode-only steps replay a CUDA graph captured for the padded batch siz
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 
 import torch
 
@@ -36,8 +37,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, pool, self.max_blocks, graph_batch_sizes)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput]:
-        """Run one step; return the sequences that get a token, and their tokens."""
+    def run(self, batch: ScheduledBatch, masks: Future | None = None) -> tuple[list[Sequence], SamplerOutput]:
+        """Run one step; return the sequences that get a token, and their tokens. `masks`:
+        the grammar masks of batch.due's rows, being filled while the model runs."""
         if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
             hidden = self.graphs.run(self._decode_inputs(batch.decodes))
             rows = list(range(len(batch.decodes)))
@@ -45,7 +47,7 @@ class ModelRunner:
         else:
             hidden, rows, sampled = self._run_eager(batch)
         logits = self.model.logits(hidden[rows])  # (S, V)
-        return sampled, self.sampler(logits, sampled)
+        return sampled, self.sampler(logits, sampled, None if masks is None else masks.result())
 
     def _decode_inputs(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
         bs = self.block_size

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptserve.engine.grammar import apply_grammar_mask
 from gptserve.engine.outputs import Logprob
 from gptserve.engine.sequence import Sequence
 from gptserve.model.cpu_kernels import row_argmax
@@ -28,12 +29,16 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 grammar_mask: tuple[list[int], torch.Tensor] | None = None) -> SamplerOutput:
+        """`grammar_mask`: the constrained rows and their packed bitmasks (engine/grammar.py)."""
         logits = logits[:, :self.vocab_size].float()  # (B, V)
         params = [s.params for s in seqs]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # the model's own, before any mask
+        if grammar_mask is not None:
+            apply_grammar_mask(logits, grammar_mask)
         logits = self._apply_penalties(logits, seqs)
         if all(p.greedy for p in params):
             tokens = argmax(logits)

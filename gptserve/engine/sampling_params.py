@@ -31,6 +31,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    grammar: str | None = None  # llguidance's grammar format (engine/grammar.py): output must match it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

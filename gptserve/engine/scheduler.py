@@ -21,6 +21,12 @@ class ScheduledBatch:
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, chunk length)
 
     @property
+    def due(self) -> list[Sequence]:
+        """The sequences whose next token this step samples, in the batch's row order:
+        every decode, and each prefill whose chunk completes its sequence."""
+        return self.decodes + [seq for seq, n in self.prefills if seq.num_computed_tokens + n == len(seq)]
+
+    @property
     def num_tokens(self) -> int:
         return len(self.decodes) + sum(n for _, n in self.prefills)
 

@@ -38,6 +38,7 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.finish_sent = False  # the finish reason has gone out in a delta
         self.detokenizer = detokenizer
+        self.matcher = None  # llguidance.LLMatcher of the request's grammar (engine/grammar.py), if any
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)

@@ -14,6 +14,13 @@ embedding (the embedding lookup still needs the plain table: +vocab x n_embd flo
 154 MB for GPT-2 small). The LM head only ever sees the rows being sampled, where the
 packed head is 1.2-3.8x faster at every size measured.
 
+oneDNN keeps buffers for every input row count it has been given, shared by all layers
+and never freed (~1 MB per row count for GPT-2 small at decode sizes, ~10 MB at a few
+hundred rows): fed every row count a serving engine's steps produce, 1 to 2048, a process
+grew by gigabytes. So inputs are padded to a few row counts (`padded_rows`: powers of two
+up to 128, then multiples of 128), which bounds that memory (~250 MB for GPT-2 small) and
+costs little: up to 128 rows a matmul is bound by reading the weight, not by its rows.
+
 PyTorch's oneDNN linear ops (the ones torch.compile's CPU backend uses) are
 `torch.ops.mkldnn`; where they are missing, or GPTSERVE_NO_KERNELS=1 is set, nothing is
 packed and nn.Linear runs as before.
@@ -38,6 +45,13 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def padded_rows(n: int) -> int:
+    """The row count oneDNN sees for n rows: a power of two up to 128, then a multiple of 128."""
+    if n <= 128:
+        return 1 << max(0, n - 1).bit_length()
+    return -(-n // 128) * 128
+
+
 class PackedLinear(nn.Module):
     """y = x @ weight.T + bias, with the weight held in oneDNN's layout (x: (N, in))."""
 
@@ -48,7 +62,11 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x.contiguous(), self.packed, self.bias)
+        n = x.shape[0]
+        rows = padded_rows(n)
+        if rows != n:
+            x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
+        return _linear(x.contiguous(), self.packed, self.bias)[:n]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

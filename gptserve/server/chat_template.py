@@ -1,14 +1,19 @@
 """Chat messages to one prompt string, with Jinja templates in the style of transformers'.
 
-A template sees `messages` (dicts with `role` and `content` as a string),
-`add_generation_prompt`, `bos_token`, `eos_token` and `raise_exception(msg)`, as in
-transformers' `apply_chat_template`. GPT-2 was never chat-tuned, so the default template
-writes role-labelled turns ("User: ...") and ends with the assistant's cue; the next
-user cue is then an implicit stop string, or the model would write the user's turn too.
+A template sees what transformers' `apply_chat_template` gives one: `messages` (dicts
+with `role`, `content` as a string, and where given `name`, `tool_calls` with each call's
+`function.arguments` as an object, and `tool_call_id`), `tools` (the request's tools, as
+OpenAI writes them, or None), `add_generation_prompt`, `bos_token`, `eos_token` and
+`raise_exception(msg)`. So a fine-tuned model's own template works with `--chat-template`.
+GPT-2 was never chat-tuned, so the default template writes role-labelled turns
+("User: ...") and ends with the assistant's cue; the next user cue is then an implicit
+stop string, or the model would write the user's turn too. With tools it lists them and
+teaches the call format that server/structured.py constrains and parses.
 `--chat-template FILE` replaces it (and its implicit stop).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jinja2
@@ -18,9 +23,19 @@ from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import ChatMessage
 
 DEFAULT_CHAT_TEMPLATE = (
-    "{%- set labels = {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant'} -%}"
+    "{%- set labels = {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant',"
+    " 'tool': 'Tool', 'function': 'Tool'} -%}"
+    "{%- if tools -%}"
+    "System: You can call these tools. To call one, answer with <tool_call>{\"name\": ..., \"arguments\": {...}}"
+    "</tool_call> and nothing else.{{ '\\n' }}"
+    "{%- for tool in tools %}Tool {{ tool['function']['name'] }}: {{ tool['function'] | tojson }}\n{% endfor -%}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{{ labels[message['role']] }}: {{ message['content'] }}"
+    "{{ labels[message['role']] }}: "
+    "{%- if message['tool_calls'] -%}"
+    "{%- for call in message['tool_calls'] %} <tool_call>{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}</tool_call>{% endfor -%}"
+    "{%- else %} {{ message['content'] }}{% endif -%}"
     "{%- if not loop.last or add_generation_prompt %}{{ '\\n' }}{% endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt %}Assistant:{% endif -%}"
@@ -60,10 +75,32 @@ class ChatTemplate:
             return cls(spec, [], bos_token, eos_token)
         raise ChatTemplateError(f"chat template file {spec!r} does not exist")
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        turns = [{"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})} for m in messages]
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
         try:
-            return self.template.render(messages=turns, add_generation_prompt=add_generation_prompt,
+            return self.template.render(messages=[_turn(m) for m in messages], tools=tools or None,
+                                        add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
         except jinja2.TemplateError as e:
             raise InvalidRequestError(f"the chat template rejected these messages: {e}", param="messages") from None
+
+
+def _turn(message: ChatMessage) -> dict:
+    """A message as chat templates read it (transformers' conventions)."""
+    turn: dict = {"role": message.role, "content": message.text}
+    if message.name:
+        turn["name"] = message.name
+    if message.tool_call_id:
+        turn["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        turn["tool_calls"] = [{"id": c.id, "type": "function",
+                               "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                              for c in message.tool_calls]
+    return turn
+
+
+def _arguments(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # as the caller sent it

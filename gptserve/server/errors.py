@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptserve.engine.grammar import GrammarError
 from gptserve.engine.outputs import EngineDeadError, InvalidPromptError, PromptTooLongError, RequestFailedError
 from gptserve.engine.sampling_params import InvalidSamplingParams
 from gptserve.server.protocol import INVALID, UNSUPPORTED, ErrorResponse
@@ -127,11 +128,15 @@ def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSON
                         status_code=err.status_code, headers=headers)
 
 
-def from_exception(exc: BaseException, request_id: str | None = None, prompt_param: str = "prompt") -> APIError:
+def from_exception(exc: BaseException, request_id: str | None = None, prompt_param: str = "prompt",
+                   grammar_param: str = "response_format") -> APIError:
     """The APIError a client sees for any exception raised while serving a request;
-    `prompt_param` is the field that carried the prompt (chat's is "messages")."""
+    `prompt_param` and `grammar_param` are the fields that carried the prompt (chat's is
+    "messages") and the output constraint."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, GrammarError):
+        return InvalidRequestError(str(exc), param=grammar_param)
     if isinstance(exc, InvalidSamplingParams):
         return InvalidRequestError(str(exc), param=exc.param)
     if isinstance(exc, InvalidPromptError):
@@ -200,8 +205,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(err, headers=getattr(exc, "headers", None))
 
     # known kinds get their own entry, or Starlette would also log them as unhandled 500s
-    for kind in (APIError, InvalidSamplingParams, InvalidPromptError, PromptTooLongError, RequestFailedError,
-                 EngineDeadError, Exception):
+    for kind in (APIError, InvalidSamplingParams, InvalidPromptError, PromptTooLongError, GrammarError,
+                 RequestFailedError, EngineDeadError, Exception):
         app.add_exception_handler(kind, on_exception)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)

@@ -29,10 +29,12 @@ _END = object()
 
 class Generation:
     def __init__(self, ctx: "ServingContext", prompts: list[list[int]], params: list[SamplingParams],
-                 request_id: str, prompt_param: str):
+                 request_id: str, prompt_param: str, grammar_param: str):
         """`params`: one per prompt (each with its own max_tokens). Takes no slots itself:
-        the caller has reserved one per prompt, and aclose gives them back."""
-        self.ctx, self.request_id, self.prompt_param = ctx, request_id, prompt_param
+        the caller has reserved one per prompt, and aclose gives them back. The params are
+        the request fields that carried the prompt and the grammar, for error messages."""
+        self.ctx, self.request_id = ctx, request_id
+        self.prompt_param, self.grammar_param = prompt_param, grammar_param
         self.n = params[0].n
         self.num_prompts = len(prompts)
         streams = [self._tracked(ctx.engine.generate(ids, p, self.engine_request_id(i)))
@@ -104,7 +106,7 @@ class Generation:
         except StopAsyncIteration:
             return None
         except Exception as e:  # noqa: BLE001 - worded for the client, naming this API's prompt field
-            raise from_exception(e, self.request_id, self.prompt_param) from e
+            raise from_exception(e, self.request_id, self.prompt_param, self.grammar_param) from e
 
     async def __aiter__(self) -> AsyncIterator[Item]:
         while self._started:

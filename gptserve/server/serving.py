@@ -107,11 +107,12 @@ class ServingContext:
 
     # --- prompts ---
 
-    def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         if len(messages) > self.config.max_messages:
             raise InvalidRequestError(f"at most {self.config.max_messages} messages are allowed on this server "
                                       f"(--max-messages), got {len(messages)}", param="messages")
-        text = self.chat_template.render(messages, add_generation_prompt)
+        text = self.chat_template.render(messages, add_generation_prompt, tools)
         if not self.chat_template.uses_eos_token:
             return self.tokenizer.encode(text)  # a literal <|endoftext|> in a message stays text
         # a template that writes eos_token means the special token (as with transformers,
@@ -139,7 +140,7 @@ class ServingContext:
         self.num_in_flight -= n
 
     def open_generation(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                        prompt_param: str) -> Generation:
+                        prompt_param: str, grammar_param: str = "response_format") -> Generation:
         """Takes one queue slot per prompt (429 when full) and starts the engine requests.
         A request without max_tokens runs to the end of its context, but never past
         --max-tokens-limit."""
@@ -147,7 +148,7 @@ class ServingContext:
         per_prompt = [self._capped(params, len(ids)) for ids in prompts]
         log.debug("%s: %d prompt(s) of %s tokens, n=%d, max_tokens=%s", request_id, len(prompts),
                   "/".join(str(len(p)) for p in prompts), params.n, [p.max_tokens for p in per_prompt])
-        return Generation(self, prompts, per_prompt, request_id, prompt_param)
+        return Generation(self, prompts, per_prompt, request_id, prompt_param, grammar_param)
 
     def _capped(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
         if params.max_tokens is not None:
@@ -237,7 +238,7 @@ async def sse_frames(events: AsyncIterator[str], generation: Generation) -> Asyn
             async for data in events:
                 yield data
         except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
-            err = from_exception(e, generation.request_id, generation.prompt_param)
+            err = from_exception(e, generation.request_id, generation.prompt_param, generation.grammar_param)
             log.warning("request %s failed mid-stream: %s", generation.request_id, err.message)
             yield json.dumps(error_body(err.message, err.type, err.param, err.code))
         yield "[DONE]"

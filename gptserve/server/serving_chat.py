@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: messages through the chat template, answered as
-`chat.completion` or a stream of `chat.completion.chunk` events."""
+`chat.completion` or a stream of `chat.completion.chunk` events; tools and output formats
+become one grammar (structured.py), and tool calls are read back out of the answer."""
 from __future__ import annotations
 
 import time
@@ -11,11 +12,13 @@ from fastapi.responses import Response
 
 from gptserve.engine.outputs import Logprob
 from gptserve.model.tokenizer import Tokenizer
+from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
                                       ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                                       ChatLogprobToken, ChatResponseMessage, DeltaMessage, TopLogprob, Usage)
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
 from gptserve.server.serving import ServingContext, clamp_logprob
+from gptserve.server.structured import ToolCallStream, ToolPlan, format_grammar, parse_tool_calls, tool_plan
 
 
 def chat_logprobs(tokenizer: Tokenizer, logprobs: list[Logprob]) -> ChatLogprobs:
@@ -40,34 +43,59 @@ class ServingChat:
         ctx.check_ready()
         max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         ctx.check_limits(req, max_tokens_param, "top_logprobs")
-        prompt_ids = ctx.encode_chat(req.messages)
-        params = req.to_sampling_params(extra_stop=ctx.chat_template.stop)
-        generation = ctx.open_generation([prompt_ids], params, f"chatcmpl-{uuid.uuid4().hex}", "messages")
+        tools = req.tool_list
+        legacy = req.functions is not None  # one function_call, never several
+        plan = tool_plan(tools, req.tool_choice_or_legacy, False if legacy else req.parallel_tool_calls)
+        output_format = format_grammar(req.response_format, req.structured_outputs)
+        if plan is not None and plan.may_call and output_format is not None:
+            raise InvalidRequestError("a JSON response_format or structured_outputs can't be combined with tools "
+                                      "the model may call; set tool_choice to 'none' or drop one",
+                                      param="response_format")
+        if plan is not None and plan.may_call:
+            grammar, grammar_param = plan.grammar, "tools"
+        else:
+            grammar, grammar_param = output_format, "structured_outputs" if req.structured_outputs else "response_format"
+        prompt_ids = ctx.encode_chat(req.messages, tools=[t.model_dump(exclude_none=True) for t in tools or []])
+        # the template's implicit stops end free text; a grammar ends its own output
+        free_text = grammar is None or plan is not None and plan.choice == "auto"
+        params = req.to_sampling_params(extra_stop=ctx.chat_template.stop if free_text else [], grammar=grammar)
+        generation = ctx.open_generation([prompt_ids], params, f"chatcmpl-{uuid.uuid4().hex}", "messages",
+                                         grammar_param)
         return await ctx.respond(request, generation, bool(req.stream),
-                                 lambda: self._chunks(req, generation), lambda: self._complete(req, generation))
+                                 lambda: self._chunks(req, generation, plan),
+                                 lambda: self._complete(req, generation, plan))
 
-    async def _complete(self, req: ChatCompletionRequest, generation: Generation) -> ChatCompletionResponse:
+    async def _complete(self, req: ChatCompletionRequest, generation: Generation,
+                        plan: ToolPlan | None) -> ChatCompletionResponse:
         [result] = await collect(generation)
         tokenizer = self.ctx.tokenizer
-        choices = [
-            ChatCompletionChoice(
-                index=i,
-                message=ChatResponseMessage(content=choice.text),
-                logprobs=chat_logprobs(tokenizer, choice.logprobs) if req.logprobs else None,
-                finish_reason=choice.finish_reason,
-            )
-            for i, choice in enumerate(result.choices)
-        ]
+        choices = []
+        for i, choice in enumerate(result.choices):
+            content, calls = parse_tool_calls(choice.text, plan)
+            message = ChatResponseMessage(content=content)
+            finish_reason = choice.finish_reason
+            ended_by_grammar = finish_reason == "stop"  # not cut short by max_tokens
+            if calls and req.functions is not None:  # the legacy form
+                message.function_call = calls[0].function
+                finish_reason = "function_call" if ended_by_grammar else finish_reason
+            elif calls:
+                message.tool_calls = calls
+                finish_reason = "tool_calls" if ended_by_grammar else finish_reason
+            choices.append(ChatCompletionChoice(
+                index=i, message=message, finish_reason=finish_reason,
+                logprobs=chat_logprobs(tokenizer, choice.logprobs) if req.logprobs else None))
         return ChatCompletionResponse(id=generation.request_id, model=self.ctx.served_model_name,
                                       choices=choices, usage=usage_of([result]))
 
-    async def _chunks(self, req: ChatCompletionRequest, generation: Generation) -> AsyncIterator[str]:
+    async def _chunks(self, req: ChatCompletionRequest, generation: Generation,
+                      plan: ToolPlan | None) -> AsyncIterator[str]:
         created, request_id = int(time.time()), generation.request_id
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return ChatCompletionChunk(id=request_id, created=created, model=self.ctx.served_model_name,
                                        choices=choices, usage=usage).model_dump_json()
 
+        calls = [ToolCallStream(plan) for _ in range(generation.n)]
         for i in range(generation.n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         usage = UsageCounter()
@@ -75,11 +103,18 @@ class ServingChat:
             usage.add(prompt_index, out)
             for delta in out.choices:
                 logprobs = chat_logprobs(self.ctx.tokenizer, delta.logprobs) if req.logprobs and delta.logprobs else None
-                if delta.text or logprobs:
-                    yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text),
-                                                 logprobs=logprobs)])
+                content, tool_calls = calls[delta.index].push(delta.text)
                 finish_reason = finish_reason_of(delta.finish_reason)
                 if finish_reason:
+                    content += calls[delta.index].finish()
+                if content or logprobs:
+                    yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=content),
+                                                 logprobs=logprobs)])
+                if tool_calls:
+                    yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(tool_calls=tool_calls))])
+                if finish_reason:
+                    if finish_reason == "stop" and calls[delta.index].num_calls:
+                        finish_reason = "tool_calls"
                     yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(),
                                                  finish_reason=finish_reason)])
         if req.include_usage:

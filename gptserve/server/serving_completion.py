@@ -17,6 +17,7 @@ from gptserve.server.protocol import (CompletionChoice, CompletionLogprobs, Comp
                                       Usage)
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
 from gptserve.server.serving import ServingContext, clamp_logprob
+from gptserve.server.structured import format_grammar
 
 
 class LogprobWriter:
@@ -66,10 +67,11 @@ class ServingCompletion:
         ctx.check_limits(req, "max_tokens", "logprobs")
         prompts, prompt_texts = self._prompts(req)
         try:
-            params = req.to_sampling_params()
+            params = req.to_sampling_params(grammar=format_grammar(req.response_format, req.structured_outputs))
         except InvalidSamplingParams as e:  # completions call top_logprobs `logprobs`
             raise InvalidRequestError(str(e), param="logprobs" if e.param == "top_logprobs" else e.param) from None
-        generation = ctx.open_generation(prompts, params, f"cmpl-{uuid.uuid4().hex}", "prompt")
+        generation = ctx.open_generation(prompts, params, f"cmpl-{uuid.uuid4().hex}", "prompt",
+                                         "structured_outputs" if req.structured_outputs else "response_format")
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._chunks(req, generation, prompt_texts),
                                  lambda: self._complete(req, generation, prompt_texts))

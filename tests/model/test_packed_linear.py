@@ -54,3 +54,20 @@ def test_nothing_is_packed_in_half_precision_or_when_kernels_are_off(tiny_checkp
     plain = load_model(tiny_checkpoint)
     assert not pack_for_cpu(plain)
     assert all(isinstance(m, nn.Linear) for m in linears(plain)) and plain.lm_head is None
+
+
+def test_inputs_are_padded_to_few_row_counts_and_the_answer_is_unchanged():
+    """oneDNN keeps buffers per row count it has seen: the engine's 1..2048 rows become few."""
+    from gptserve.model.packed_linear import PackedLinear, padded_rows
+
+    counts = {padded_rows(n) for n in range(1, 2049)}
+    assert len(counts) == 23 and all(padded_rows(n) >= n for n in range(1, 2049))
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    packed = PackedLinear(weight, bias)
+    for n in (1, 3, 5, 31, 33, 127, 129, 300):
+        x = torch.randn(n, 32)
+        with torch.inference_mode():
+            got = packed(x)
+        assert got.shape == (n, 48)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-4)

@@ -62,12 +62,6 @@ def test_wrongly_typed_nested_field_names_its_path(http: httpx.Client):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"),
-    ("functions", [{"name": "f", "parameters": {}}]),
-    ("function_call", "auto"),
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("web_search_options", {}),
@@ -86,12 +80,6 @@ def test_non_text_content_part_is_400_naming_its_type(http: httpx.Client, part):
     body = chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": "see"}, part]}])
     error = assert_error(http.post("/v1/chat/completions", json=body), 400, "messages[0].content")
     assert part["type"] in error["message"] and "not supported" in error["message"]
-
-
-def test_tool_role_is_400(http: httpx.Client):
-    body = chat_body(messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}])
-    error = assert_error(http.post("/v1/chat/completions", json=body), 400, "messages[0].role")
-    assert "tool" in error["message"]
 
 
 def test_text_response_format_is_accepted(http: httpx.Client):

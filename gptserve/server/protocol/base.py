@@ -107,7 +107,7 @@ class SamplingRequest(OpenAIRequest):
     def wants_prompt_logprobs(self) -> bool:
         return False
 
-    def to_sampling_params(self, extra_stop: list[str] | None = None) -> SamplingParams:
+    def to_sampling_params(self, extra_stop: list[str] | None = None, grammar: str | None = None) -> SamplingParams:
         """Raises InvalidSamplingParams (a 400 naming the field) for out-of-range values; token
         ids (logit_bias) are checked against the vocabulary by the engine."""
         return SamplingParams(
@@ -126,6 +126,7 @@ class SamplingRequest(OpenAIRequest):
             prompt_logprobs=self.wants_prompt_logprobs(),
             stop=self.stop_strings + (extra_stop or []),
             ignore_eos=bool(self.ignore_eos),
+            grammar=grammar,
         )
 
     def _token_logit_bias(self) -> dict[int, float]:

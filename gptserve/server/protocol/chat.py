@@ -7,8 +7,11 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from gptserve.server.protocol.base import (OpenAIModel, OpenAIRequest, SamplingRequest, TopLogprob, Usage,
                                            documented, invalid, nullable, now, unsupported)
+from gptserve.server.protocol.structured import (FunctionCall, FunctionDefinition, NamedFunction, NamedToolChoice,
+                                                 ResponseFormat, StructuredOutputs, Tool, ToolCall,
+                                                 ToolCallDelta, ToolCallInMessage, ToolChoice, tool_names_unique)
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class ChatMessage(OpenAIRequest):
@@ -18,13 +21,12 @@ class ChatMessage(OpenAIRequest):
             "type": "object", "required": ["type", "text"],
             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}])
     name: str | None = None
-    tool_calls: Any = None  # refused: no tool calling
+    tool_calls: list[ToolCallInMessage] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @field_validator("role")
     @classmethod
     def _known_role(cls, role: str) -> str:
-        if role in ("tool", "function"):
-            raise unsupported(f"role '{role}'", "tool and function calling are not supported")
         if role not in CHAT_ROLES:
             raise invalid(f"role must be one of {', '.join(CHAT_ROLES)}; got '{role}'")
         return role
@@ -47,12 +49,13 @@ class ChatMessage(OpenAIRequest):
                 raise invalid(f"content part {i} of type 'text' needs a string 'text'")
         return content
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, tool_calls: Any) -> Any:
-        if tool_calls:
-            raise unsupported("'tool_calls'", "tool calling is not supported")
-        return tool_calls
+    @model_validator(mode="after")
+    def _tool_fields_in_their_roles(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise invalid(f"only assistant messages carry tool_calls, not {self.role} messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise invalid("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     @property
     def text(self) -> str:
@@ -70,39 +73,23 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = documented(minimum=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = documented(minimum=0)  # at most --max-top-logprobs
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
+    parallel_tool_calls: bool | None = None  # default true
+    functions: list[FunctionDefinition] | None = None  # the legacy form of tools
+    function_call: Literal["none", "auto"] | NamedFunction | None = None  # the legacy form of tool_choice
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # ours, as vLLM's
     # OpenAI features this server can't honour, declared so they are refused by name
     # (documented as the values that are accepted)
-    tools: Any = documented(**nullable({"type": "array", "maxItems": 0}))
-    tool_choice: Any = documented(**nullable({"const": "none"}))
-    functions: Any = documented(**nullable({"type": "array", "maxItems": 0}))
-    function_call: Any = documented(**nullable({"const": "none"}))
-    response_format: Any = documented(**nullable({"anyOf": [
-        {"const": "text"}, {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}]}))
     audio: Any = documented(type="null")
     modalities: Any = documented(**nullable({"const": ["text"]}))
     web_search_options: Any = documented(type="null")
 
-    @field_validator("tools", "functions")
+    @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: Any, info: Any) -> Any:
-        if value is not None and value != []:
-            raise unsupported(f"'{info.field_name}'", "tool and function calling are not supported")
-        return value
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value: Any, info: Any) -> Any:
-        if value not in (None, "none"):
-            raise unsupported(f"'{info.field_name}'", "tool and function calling are not supported")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format_only(cls, value: Any) -> Any:
-        kind = value.get("type") if isinstance(value, dict) else value
-        if value is not None and kind != "text":
-            raise unsupported("'response_format'", f"type '{kind}' is not available; only 'text' output is")
-        return value
+    def _unique_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        return None if tools is None else tool_names_unique(tools)
 
     @field_validator("audio", "web_search_options")
     @classmethod
@@ -124,7 +111,24 @@ class ChatCompletionRequest(SamplingRequest):
             raise invalid("messages must contain at least one message", "messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.functions is not None and self.tools is not None:
+            raise invalid("give tools or the legacy functions, not both", "functions")
+        if self.function_call is not None and self.tool_choice is not None:
+            raise invalid("give tool_choice or the legacy function_call, not both", "function_call")
         return self
+
+    @property
+    def tool_list(self) -> list[Tool] | None:
+        """tools, or the legacy functions as tools."""
+        if self.functions is not None:
+            return [Tool(type="function", function=f) for f in self.functions]
+        return self.tools
+
+    @property
+    def tool_choice_or_legacy(self) -> ToolChoice | None:
+        if isinstance(self.function_call, NamedFunction):
+            return NamedToolChoice(type="function", function=self.function_call)
+        return self.function_call if self.function_call is not None else self.tool_choice
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -144,6 +148,8 @@ class ChatLogprobs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # the legacy form, when the request sent `functions`
 
 
 class ChatCompletionChoice(OpenAIModel):
@@ -166,6 +172,7 @@ class ChatCompletionResponse(OpenAIModel):
 class DeltaMessage(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_empty(self, handler: Any) -> dict:

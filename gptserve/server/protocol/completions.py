@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from gptserve.server.protocol.base import (OpenAIModel, SamplingRequest, Usage, documented, invalid, now,
                                            unsupported)
+from gptserve.server.protocol.structured import ResponseFormat, StructuredOutputs
 
 PromptInput = str | list[str] | list[int] | list[list[int]]
 
@@ -18,6 +19,8 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = documented(minimum=0)  # the chosen token's logprob and this many alternatives (at most --max-top-logprobs)
     suffix: str | None = None  # refused: no insertion
     best_of: int | None = None  # only best_of == n
+    response_format: ResponseFormat | None = None  # as chat's (vLLM takes it here too)
+    structured_outputs: StructuredOutputs | None = None  # ours, as vLLM's
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -1,0 +1,83 @@
+"""Frameworks people use with OpenAI-compatible servers, unmodified, against the real
+server: LangChain's structured output and tools, and the OpenAI Agents SDK with a
+function tool and a typed output. The tiny random model has no judgement, so the tools
+are forced (tool_choice) and every field is bounded so answers end within max_tokens."""
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+langchain_openai = pytest.importorskip("langchain_openai")
+agents = pytest.importorskip("agents")
+
+
+class Person(BaseModel):
+    name: str = Field(min_length=1, max_length=10)
+    age: int = Field(ge=0, le=120)
+
+
+City = Literal["Paris", "Rome", "Jerusalem"]  # bounded arguments: a random model's calls end
+
+
+def get_weather(city: City) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+def chat_model(server, **kwargs):
+    return langchain_openai.ChatOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", model="tiny-gpt2",
+                                       max_retries=0, max_tokens=80, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output_returns_the_model(server, method: str):
+    structured = chat_model(server).with_structured_output(Person, method=method)
+    person = structured.invoke("Describe a person.")
+    assert isinstance(person, Person)
+
+
+def test_langchain_bind_tools_gives_tool_calls_with_arguments(server):
+    model = chat_model(server).bind_tools([get_weather], tool_choice="get_weather")
+    message = model.invoke("What is the weather in Paris?")
+    assert message.tool_calls, (message.content, message.response_metadata)
+    call = message.tool_calls[0]
+    assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome", "Jerusalem")
+    assert call["id"].startswith("call_")
+
+
+@pytest.fixture
+def agents_client(server):
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)  # traces would go to OpenAI's servers
+    return AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_agents_sdk_runs_a_function_tool(agents_client):
+    calls = []
+
+    @agents.function_tool
+    def lookup_weather(city: City) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    agent = agents.Agent(
+        name="weather", instructions="Answer with the weather.", tools=[lookup_weather],
+        model=agents.OpenAIChatCompletionsModel(model="tiny-gpt2", openai_client=agents_client),
+        model_settings=agents.ModelSettings(tool_choice="required", max_tokens=60),
+        tool_use_behavior="stop_on_first_tool")
+    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Rome?"))
+    assert calls and result.final_output == f"sunny in {calls[0]}"
+
+
+def test_agents_sdk_returns_a_typed_output(agents_client):
+    agent = agents.Agent(
+        name="describer", instructions="Describe a person.", output_type=Person,
+        model=agents.OpenAIChatCompletionsModel(model="tiny-gpt2", openai_client=agents_client),
+        model_settings=agents.ModelSettings(max_tokens=80))
+    result = asyncio.run(agents.Runner.run(agent, "Who is Ada?"))
+    assert isinstance(result.final_output, Person)
