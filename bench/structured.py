@@ -31,6 +31,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 from compare import CACHE, Peer, Server, free_port, make_checkpoint  # noqa: E402
+from gptserve.server.structured import JSON_LAYOUT, closed_objects  # noqa: E402
 from tests.server.test_structured import SCHEMAS  # noqa: E402
 
 INSTANCES = {  # one valid answer per schema, as llguidance's default JSON layout writes it
@@ -64,7 +65,7 @@ def engines(tokenizer) -> dict:
     bitmask = llguidance.torch.allocate_token_bitmask(1, tokenizer.vocab_size)
     for name, schema in SCHEMAS.items():
         t = time.perf_counter()
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides=JSON_LAYOUT)
         matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         cold = time.perf_counter() - t
         t = time.perf_counter()
@@ -82,7 +83,6 @@ def engines(tokenizer) -> dict:
                                 "mask_mean_us": statistics.mean(masks) * 1e6, "mask_p99_us": percentile(masks, .99) * 1e6}
     out["llguidance"] = res
     try:
-        import torch
         import xgrammar as xgr
     except ImportError:
         out["xgrammar"] = {"skipped": "not installed (pip install xgrammar)"}
@@ -95,10 +95,11 @@ def engines(tokenizer) -> dict:
     bitmask = xgr.allocate_token_bitmask(1, tokenizer.vocab_size)
     for name, schema in SCHEMAS.items():
         t = time.perf_counter()
-        compiled = compiler.compile_json_schema(json.dumps(schema))
+        options = dict(any_whitespace=False, separators=(", ", ": "), strict_mode=True)  # the same layout
+        compiled = compiler.compile_json_schema(json.dumps(schema), **options)
         cold = time.perf_counter() - t
         t = time.perf_counter()
-        compiler.compile_json_schema(json.dumps(schema))  # xgrammar's own cache
+        compiler.compile_json_schema(json.dumps(schema), **options)  # xgrammar's own cache
         cached = time.perf_counter() - t
         matcher = xgr.GrammarMatcher(compiled)
         masks = []
@@ -109,7 +110,6 @@ def engines(tokenizer) -> dict:
             assert matcher.accept_token(token), name
         res["schemas"][name] = {"compile_cold_ms": cold * 1e3, "compile_cached_ms": cached * 1e3,
                                 "mask_mean_us": statistics.mean(masks) * 1e6, "mask_p99_us": percentile(masks, .99) * 1e6}
-        del torch
     out["xgrammar"] = res
     return out
 

@@ -136,6 +136,25 @@ def test_the_official_clients_parse_fills_a_pydantic_model(client: openai.OpenAI
         assert isinstance(completion.choices[0].message.parsed, Person)
 
 
+def test_the_bundled_model_answers_with_valid_json(launch_bundled):
+    schema = SCHEMAS["nested object"]
+    with launch_bundled.http() as http:
+        answer = http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Where dwelt Abraham?"}], "max_tokens": 80, "n": 3, "seed": 0,
+            "response_format": json_format(schema)}).json()
+    check_choices([(c["message"]["content"], c["finish_reason"]) for c in answer["choices"]], schema)
+
+
+@pytest.fixture(scope="module")
+def launch_bundled():
+    from gptserve.weights.loader import DEFAULT_MODEL_DIR
+    from tests.server.conftest import start_server
+
+    running = start_server(DEFAULT_MODEL_DIR)
+    yield running
+    running.stop()
+
+
 # --- tools ------------------------------------------------------------------------------
 
 
@@ -243,6 +262,8 @@ def test_a_tool_message_without_its_call_id_is_400(http: httpx.Client):
 @pytest.mark.parametrize("body, param", [
     ({"response_format": json_format({"type": 12})}, "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": json_format({"type": "string", "pattern": "(?=a)a"})},  # valid JSON Schema, no grammar
+     "response_format.json_schema.schema"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
     ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar"),
