@@ -37,7 +37,7 @@ from tests.server.test_structured import SCHEMAS  # noqa: E402
 INSTANCES = {  # one valid answer per schema, as llguidance's default JSON layout writes it
     "nested object": '{"name": "Ada", "address": {"city": "Rome", "zip": 12345}}',
     "array with min and max items": '{"tags": ["a", "c"]}',
-    "enum, integer and number": '{"colour": "red", "count": 3, "ok": true}',
+    "enum, integer and number": '{"colour": "red", "count": 3, "score": 0.5, "ok": true}',
     "optional field and string lengths": '{"id": "x1", "note": "hi"}',
     "anyOf": '{"kind": "cat", "lives": 9}',
 }

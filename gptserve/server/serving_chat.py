@@ -110,11 +110,14 @@ class ServingChat:
                 if content or logprobs:
                     yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=content),
                                                  logprobs=logprobs)])
-                if tool_calls:
+                if tool_calls and req.functions is not None:  # the legacy form: one function_call
+                    for call in tool_calls:
+                        yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(function_call=call.function))])
+                elif tool_calls:
                     yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(tool_calls=tool_calls))])
                 if finish_reason:
                     if finish_reason == "stop" and calls[delta.index].num_calls:
-                        finish_reason = "tool_calls"
+                        finish_reason = "function_call" if req.functions is not None else "tool_calls"
                     yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(),
                                                  finish_reason=finish_reason)])
         if req.include_usage:

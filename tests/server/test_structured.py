@@ -26,7 +26,8 @@ SCHEMAS = {
         "required": ["tags"], "additionalProperties": False},
     "enum, integer and number": {"type": "object", "properties": {
         "colour": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer", "minimum": 1, "maximum": 9},
-        "ok": {"type": "boolean"}}, "required": ["colour", "count", "ok"], "additionalProperties": False},
+        "score": {"type": "number", "minimum": 0, "maximum": 1}, "ok": {"type": "boolean"}},
+        "required": ["colour", "count", "score", "ok"], "additionalProperties": False},
     "optional field and string lengths": {"type": "object", "properties": {
         "id": {"type": "string", "minLength": 2, "maxLength": 4}, "note": {"type": "string", "maxLength": 5}},
         "required": ["id"], "additionalProperties": False},
@@ -249,6 +250,18 @@ def test_the_legacy_functions_fields_give_a_function_call(http: httpx.Client):
     assert choice["finish_reason"] == "function_call"
     assert choice["message"]["function_call"]["name"] == "get_time"
     jsonschema.validate(json.loads(choice["message"]["function_call"]["arguments"]), TIME["function"]["parameters"])
+
+
+def test_the_legacy_functions_stream_a_function_call(server):
+    body = {"messages": [{"role": "user", "content": "Time?"}], "max_tokens": 60, "stream": True,
+            "functions": [TIME["function"]], "function_call": {"name": "get_time"}}
+    chunks = [json.loads(e) for e in server.sse("/v1/chat/completions", body)[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    name = "".join(d["function_call"].get("name") or "" for d in deltas if "function_call" in d)
+    arguments = "".join(d["function_call"].get("arguments") or "" for d in deltas if "function_call" in d)
+    assert name == "get_time" and not any("tool_calls" in d for d in deltas)
+    jsonschema.validate(json.loads(arguments), TIME["function"]["parameters"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
 
 
 def test_a_tool_message_without_its_call_id_is_400(http: httpx.Client):

@@ -7,7 +7,7 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from gptserve.server.protocol.base import (OpenAIModel, OpenAIRequest, SamplingRequest, TopLogprob, Usage,
                                            documented, invalid, nullable, now, unsupported)
-from gptserve.server.protocol.structured import (FunctionCall, FunctionDefinition, NamedFunction, NamedToolChoice,
+from gptserve.server.protocol.structured import (FunctionCall, FunctionCallDelta, FunctionDefinition, NamedFunction, NamedToolChoice,
                                                  ResponseFormat, StructuredOutputs, Tool, ToolCall,
                                                  ToolCallDelta, ToolCallInMessage, ToolChoice, tool_names_unique)
 
@@ -173,6 +173,7 @@ class DeltaMessage(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCallDelta | None = None  # the legacy form, when the request sent `functions`
 
     @model_serializer(mode="wrap")
     def _drop_empty(self, handler: Any) -> dict:
