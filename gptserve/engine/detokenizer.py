@@ -1,8 +1,9 @@
 """Incremental detokenization and stop-string matching across token boundaries.
 
-Text is released only when it can no longer be the start of a stop string: the last
-(longest stop - 1) characters are held back. A matched stop string is cut, with
-everything after it; by default it is not returned.
+Text is released as soon as it can no longer be part of a stop string: only a tail that
+could still grow into one (a prefix of some stop string, at most its length - 1) is held
+back, so a stream's text and logprobs go out with their own token. A matched stop string
+is cut, with everything after it; by default it is not returned.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ class StreamDetokenizer:
         self.decoder: IncrementalDecoder = tokenizer.incremental_decoder()
         self.stop = stop
         self.include_stop = include_stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.hold = max((len(s) for s in stop), default=1) - 1  # the longest tail ever held
+        self.starts = {s[0] for s in stop}
         self.pending = ""  # decoded but not yet released
 
     def push(self, token_id: int) -> tuple[str, str | None]:
@@ -27,12 +29,17 @@ class StreamDetokenizer:
                 text = self.pending[:pos + (len(s) if self.include_stop else 0)]
                 self.pending = ""
                 return text, s
-        if self.hold == 0:
-            text, self.pending = self.pending, ""
-        else:
-            cut = max(0, len(self.pending) - self.hold)
-            text, self.pending = self.pending[:cut], self.pending[cut:]
+        cut = len(self.pending) - self._partial_stop()
+        text, self.pending = self.pending[:cut], self.pending[cut:]
         return text, None
+
+    def _partial_stop(self) -> int:
+        """The length of the longest tail of pending text that begins some stop string."""
+        p = self.pending
+        for i in range(max(0, len(p) - self.hold), len(p)):
+            if p[i] in self.starts and any(s.startswith(p[i:]) for s in self.stop):
+                return len(p) - i
+        return 0
 
     def _find_stop(self) -> tuple[int, str] | None:
         best = None

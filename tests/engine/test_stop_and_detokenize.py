@@ -40,6 +40,32 @@ def test_text_that_only_starts_like_a_stop_string_is_released_at_the_end():
     assert stream("abc abd", ["abd!"]) == ("abc abd", None)
 
 
+def pieces(text: str, stop: list[str]) -> list[tuple[str, str]]:
+    """(token text, what that token releases) for each token of `text`, up to a stop."""
+    tok = Tokenizer.from_folder(TOKENIZER_DIR)
+    detok = StreamDetokenizer(tok, stop)
+    out = []
+    for t in tok.encode(text):
+        piece, hit = detok.push(t)
+        out.append((tok.decode([t]), piece))
+        if hit:
+            break
+    return out
+
+
+def test_text_that_cannot_begin_a_stop_string_goes_out_with_its_own_token():
+    out = pieces(" And God said, Let there be light", ["\nUser:"])
+    assert all(token == released for token, released in out)
+
+
+def test_only_a_tail_that_may_grow_into_a_stop_string_is_held():
+    out = pieces("one\nUs two\nUser: three", ["\nUser:"])
+    assert "".join(released for _, released in out) == "one\nUs two"
+    held_at = next(i for i, (token, _) in enumerate(out) if "\n" in token)
+    assert "\n" not in out[held_at][1]  # "\n" could begin the stop string: held
+    assert all(token == released for token, released in out[:held_at])  # before it, nothing is held
+
+
 def test_multibyte_characters_split_over_tokens_are_never_broken():
     tok = Tokenizer.from_folder(TOKENIZER_DIR)
     text = "naïve 日本語 🎉👩‍👩‍👧"
