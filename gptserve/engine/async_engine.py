@@ -117,6 +117,9 @@ class AsyncEngine:
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         return await self._call(lambda engine: engine.inspect(prompt_token_ids, top_k, decimals))
 
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        return await self._call(lambda engine: engine.embed(prompts))
+
     async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """fn(engine) on the engine thread between two steps; its result or its exception here."""
         loop = asyncio.get_running_loop()

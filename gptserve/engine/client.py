@@ -41,6 +41,10 @@ class EngineClient(Protocol):
     def abort(self, request_id: str) -> None:
         """End a request from outside its stream (its stream gets finish_reason 'abort')."""
 
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Each prompt's embedding: final hidden states, mean-pooled, unit length. Raises
+        InvalidPromptError or PromptTooLongError for a prompt the model can't read."""
+
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         """How the serving model reads one prompt: attention weights and top next tokens."""
 

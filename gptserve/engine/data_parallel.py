@@ -87,6 +87,9 @@ class DataParallelEngine:
         finished = sum((Counter(p.sequences_finished) for p in parts), Counter())
         return EngineStats(**summed, sequences_finished=dict(finished))
 
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        return await self.replicas[self.pick()].embed(prompts)
+
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         return await self.replicas[self.pick()].inspect(prompt_token_ids, top_k, decimals)
 

@@ -31,14 +31,22 @@ class EngineLimits:
         room = self.max_model_len - num_prompt_tokens
         return room if cap is None else min(room, cap)
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise a clear error for a request that can never be served."""
+    def check_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise for a prompt the model can't read: empty, unknown token ids, or longer than
+        the context (a prompt to generate from is also checked with room to generate)."""
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidPromptError("the prompt is empty")
         bad = self.out_of_vocab(prompt_token_ids)
         if bad is not None:
             raise InvalidPromptError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if n > self.max_model_len:
+            raise PromptTooLongError(n, None, self.max_model_len)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise a clear error for a request that can never be served."""
+        self.check_prompt(prompt_token_ids)
+        n = len(prompt_token_ids)
         bad = self.out_of_vocab(params.logit_bias)
         if bad is not None:
             raise InvalidSamplingParams(

@@ -218,6 +218,12 @@ class LLMEngine:
         self.limits.check_request(prompt_token_ids, SamplingParams(max_tokens=1))
         return self.runner.inspect(prompt_token_ids, top_k, decimals)
 
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Each prompt's embedding (ModelRunner.embed); raises for a prompt the model can't read."""
+        for ids in prompts:
+            self.limits.check_prompt(ids)
+        return [self.runner.embed(ids) for ids in prompts]
+
     def stats(self) -> EngineStats:
         bm, sch = self.block_manager, self.scheduler
         running = {s.request_id for s in sch.running}

@@ -118,6 +118,14 @@ class ModelRunner:
             seq.prompt_logprobs.append(Logprob(t, chosen[i], top))
 
     @torch.inference_mode()
+    def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """One prompt's embedding: its final hidden states (after ln_f) averaged over its
+        tokens, scaled to unit length; run alone, the KV pool not touched."""
+        ids = torch.tensor(prompt_token_ids, device=self.device)
+        hidden = self.model(ids, torch.arange(len(ids), device=self.device), DenseAttention(batch_size=1))
+        return torch.nn.functional.normalize(hidden.float().mean(0), dim=0).tolist()
+
+    @torch.inference_mode()
     def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         """One prompt through the model with a recording attention backend (the KV pool is
         not touched): every layer's and head's attention, and the top next tokens."""

@@ -29,6 +29,7 @@ from gptserve.server.metrics import ServerMetrics
 from gptserve.server.serving import ServingContext
 from gptserve.server.serving_chat import ServingChat
 from gptserve.server.serving_completion import ServingCompletion
+from gptserve.server.serving_embedding import ServingEmbedding
 
 if TYPE_CHECKING:
     from gptserve.engine.client import EngineClient
@@ -100,6 +101,7 @@ def build_app(engine: "EngineClient", server_config: ServerConfig | None = None)
     app.state.serving = ctx
     app.state.chat = ServingChat(ctx)
     app.state.completion = ServingCompletion(ctx)
+    app.state.embedding = ServingEmbedding(ctx)
     install_error_handlers(app)
     app.include_router(routes.public_router)
     keyed = [Depends(require_api_key)]

@@ -13,6 +13,7 @@ from gptserve.server.errors import error_responses
 from gptserve.server.metrics import CONTENT_TYPE
 from gptserve.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                       CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+                                      EmbeddingRequest, EmbeddingResponse,
                                       ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from gptserve.server.serving import ServingContext
 
@@ -43,6 +44,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 @api_router.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     return await request.app.state.completion.create(body, request)
+
+
+@api_router.post("/v1/embeddings", responses=error_responses(404, 429, 500, 503))
+async def create_embedding(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    return await request.app.state.embedding.create(body, request)
 
 
 def _model_card(ctx: ServingContext) -> ModelCard:

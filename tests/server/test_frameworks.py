@@ -81,3 +81,14 @@ def test_agents_sdk_returns_a_typed_output(agents_client):
         model_settings=agents.ModelSettings(max_tokens=80))
     result = asyncio.run(agents.Runner.run(agent, "Who is Ada?"))
     assert isinstance(result.final_output, Person)
+
+
+def test_langchain_embeddings_embed_documents_and_queries(server):
+    # check_embedding_ctx_length=False: LangChain's setting for servers other than OpenAI's
+    # (otherwise it sends OpenAI's own token ids)
+    embeddings = langchain_openai.OpenAIEmbeddings(base_url=f"{server.base_url}/v1", api_key="unused",
+                                                   model="tiny-gpt2", check_embedding_ctx_length=False)
+    documents = embeddings.embed_documents(["light", "darkness"])
+    query = embeddings.embed_query("light")
+    assert len(documents) == 2 and len(query) == 64
+    assert max(abs(a - b) for a, b in zip(documents[0], query)) < 1e-5

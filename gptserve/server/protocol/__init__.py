@@ -9,5 +9,6 @@ One module per API family; what they share is in base.py.
 from gptserve.server.protocol.base import *  # noqa: F401,F403
 from gptserve.server.protocol.chat import *  # noqa: F401,F403
 from gptserve.server.protocol.completions import *  # noqa: F401,F403
+from gptserve.server.protocol.embeddings import *  # noqa: F401,F403
 from gptserve.server.protocol.structured import *  # noqa: F401,F403
 from gptserve.server.protocol.tokenize import *  # noqa: F401,F403
