@@ -231,6 +231,16 @@ def test_streamed_tool_calls_reassemble_in_the_official_client(client: openai.Op
         jsonschema.validate(json.loads(call["arguments"]), tool["function"]["parameters"])
 
 
+def test_the_official_clients_stream_helper_assembles_the_calls(client: openai.OpenAI):
+    with client.chat.completions.stream(
+            model="tiny-gpt2", messages=[{"role": "user", "content": "Time?"}], max_tokens=60, seed=1,
+            tools=[TIME], tool_choice="required", parallel_tool_calls=False) as stream:
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason == "tool_calls" and call.function.name == "get_time"
+    jsonschema.validate(json.loads(call.function.arguments), TIME["function"]["parameters"])
+
+
 def test_a_two_turn_exchange_with_a_tool_result(client: openai.OpenAI):
     first = client.chat.completions.create(
         model="tiny-gpt2", messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=60,
