@@ -12,7 +12,6 @@ matcher.
 """
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -25,7 +24,6 @@ import torch
 from gptserve.engine.outputs import EngineError
 from gptserve.model.tokenizer import Tokenizer
 
-log = logging.getLogger(__name__)
 CACHE_SIZE = 256  # compiled grammars kept
 
 
@@ -43,10 +41,6 @@ class GrammarCompiler:
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._executor = llguidance.LLExecutor()
         self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="gptserve-masks")
-
-    def check(self, grammar: str) -> None:
-        """Raise GrammarError naming what is wrong with the grammar."""
-        self.matcher(grammar)
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher for one sequence (the grammar compiled once, then copied)."""
@@ -76,7 +70,6 @@ class GrammarCompiler:
         llguidance.torch.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)],
                                                      bitmask)
         return rows, bitmask
-
 
 
 def apply_grammar_mask(logits: torch.Tensor, mask: tuple[list[int], torch.Tensor]) -> None:

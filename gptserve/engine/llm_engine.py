@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+
 import torch
 
 from gptserve.config import EngineConfig, ModelConfig

@@ -117,21 +117,24 @@ class ModelRunner:
             top = list(zip(top_ids[i].tolist(), top_vals[i].tolist())) if k else []
             seq.prompt_logprobs.append(Logprob(t, chosen[i], top))
 
+    def _alone(self, prompt_token_ids: list[int], attn: DenseAttention) -> torch.Tensor:
+        """One prompt through the model by itself, outside the KV pool: its hidden states (T, C)."""
+        ids = torch.tensor(prompt_token_ids, device=self.device)
+        return self.model(ids, torch.arange(len(ids), device=self.device), attn)
+
     @torch.inference_mode()
     def embed(self, prompt_token_ids: list[int]) -> list[float]:
         """One prompt's embedding: its final hidden states (after ln_f) averaged over its
-        tokens, scaled to unit length; run alone, the KV pool not touched."""
-        ids = torch.tensor(prompt_token_ids, device=self.device)
-        hidden = self.model(ids, torch.arange(len(ids), device=self.device), DenseAttention(batch_size=1))
+        tokens, scaled to unit length."""
+        hidden = self._alone(prompt_token_ids, DenseAttention(batch_size=1))
         return torch.nn.functional.normalize(hidden.float().mean(0), dim=0).tolist()
 
     @torch.inference_mode()
     def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
-        """One prompt through the model with a recording attention backend (the KV pool is
-        not touched): every layer's and head's attention, and the top next tokens."""
+        """One prompt with a recording attention backend: every layer's and head's
+        attention, and the top next tokens."""
         attn = DenseAttention(batch_size=1, record=True)
-        ids = torch.tensor(prompt_token_ids, device=self.device)
-        hidden = self.model(ids, torch.arange(len(ids), device=self.device), attn)
+        hidden = self._alone(prompt_token_ids, attn)
         probs, top = self.model.logits(hidden[-1:]).float()[0].softmax(-1).topk(top_k)
         # float64 before rounding, so that 0.4965 is written as 0.4965, not 0.49649998
         attention = [attn.weights[layer][0].double().round(decimals=decimals).tolist()

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import OpenAIModel
-from gptserve.server.serving import ServingContext, cancel_on_disconnect
+from gptserve.server.serving import ServingContext
 
 MAX_INSPECT_TOKENS = 128  # a 128 x 128 heatmap still has a few pixels per cell
 MAX_TOP_K = 20
@@ -63,11 +63,7 @@ async def inspect_prompt(body: InspectRequest, request: Request) -> Response:
     ctx.check_model(body.model)
     ctx.check_ready()
     ids = prompt_ids(ctx, body.prompt)
-    ctx.reserve_slots(1)  # 429 when none is free
-    try:
-        seen = await cancel_on_disconnect(request, ctx.engine.inspect(ids, body.top_k, ROUND_DECIMALS))
-    finally:
-        ctx.release_slots(1)
+    seen = await ctx.call_engine(request, lambda: ctx.engine.inspect(ids, body.top_k, ROUND_DECIMALS), "prompt")
     config = ctx.engine.model_config
     answer = InspectResponse(
         model=ctx.served_model_name, tokens=ids, token_strs=[ctx.tokenizer.token_str(t) for t in ids],

@@ -139,6 +139,18 @@ class ServingContext:
     def release_slots(self, n: int) -> None:
         self.num_in_flight -= n
 
+    async def call_engine(self, request: Request, work: Callable[[], Awaitable[T]], prompt_param: str) -> T:
+        """An engine call that is not a generation (inspect, embed): it holds one queue slot
+        (429 when none is free), is cancelled if the client goes away, and its errors name
+        `prompt_param`."""
+        self.reserve_slots(1)
+        try:
+            return await cancel_on_disconnect(request, work())
+        except Exception as e:  # noqa: BLE001 - worded for the client
+            raise from_exception(e, prompt_param=prompt_param) from e
+        finally:
+            self.release_slots(1)
+
     def open_generation(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
                         prompt_param: str, grammar_param: str = "response_format") -> Generation:
         """Takes one queue slot per prompt (429 when full) and starts the engine requests.

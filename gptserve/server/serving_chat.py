@@ -46,7 +46,7 @@ class ServingChat:
         tools = req.tool_list
         legacy = req.functions is not None  # one function_call, never several
         plan = tool_plan(tools, req.tool_choice_or_legacy, False if legacy else req.parallel_tool_calls)
-        output_format = format_grammar(req.response_format, req.structured_outputs)
+        output_format, format_param = format_grammar(req.response_format, req.structured_outputs)
         if plan is not None and plan.may_call and output_format is not None:
             raise InvalidRequestError("a JSON response_format or structured_outputs can't be combined with tools "
                                       "the model may call; set tool_choice to 'none' or drop one",
@@ -54,7 +54,7 @@ class ServingChat:
         if plan is not None and plan.may_call:
             grammar, grammar_param = plan.grammar, "tools"
         else:
-            grammar, grammar_param = output_format, "structured_outputs" if req.structured_outputs else "response_format"
+            grammar, grammar_param = output_format, format_param
         prompt_ids = ctx.encode_chat(req.messages, tools=[t.model_dump(exclude_none=True) for t in tools or []])
         # the template's implicit stops end free text; a grammar ends its own output
         free_text = grammar is None or plan is not None and plan.choice == "auto"

@@ -66,12 +66,12 @@ class ServingCompletion:
         ctx.check_ready()
         ctx.check_limits(req, "max_tokens", "logprobs")
         prompts, prompt_texts = self._prompts(req)
+        grammar, grammar_param = format_grammar(req.response_format, req.structured_outputs)
         try:
-            params = req.to_sampling_params(grammar=format_grammar(req.response_format, req.structured_outputs))
+            params = req.to_sampling_params(grammar=grammar)
         except InvalidSamplingParams as e:  # completions call top_logprobs `logprobs`
             raise InvalidRequestError(str(e), param="logprobs" if e.param == "top_logprobs" else e.param) from None
-        generation = ctx.open_generation(prompts, params, f"cmpl-{uuid.uuid4().hex}", "prompt",
-                                         "structured_outputs" if req.structured_outputs else "response_format")
+        generation = ctx.open_generation(prompts, params, f"cmpl-{uuid.uuid4().hex}", "prompt", grammar_param)
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._chunks(req, generation, prompt_texts),
                                  lambda: self._complete(req, generation, prompt_texts))

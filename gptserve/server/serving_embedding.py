@@ -13,9 +13,9 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 
-from gptserve.server.errors import InvalidRequestError, UnsupportedParameterError, from_exception
+from gptserve.server.errors import InvalidRequestError, UnsupportedParameterError
 from gptserve.server.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from gptserve.server.serving import ServingContext, cancel_on_disconnect
+from gptserve.server.serving import ServingContext
 
 MAX_INPUTS = 2048  # as OpenAI's
 
@@ -33,13 +33,7 @@ class ServingEmbedding:
             raise UnsupportedParameterError(f"dimensions {req.dimensions} is not supported by this server: this "
                                             f"model's embeddings have {width}", param="dimensions")
         prompts = self._token_ids(req)
-        ctx.reserve_slots(1)  # 429 when none is free
-        try:
-            vectors = await cancel_on_disconnect(request, ctx.engine.embed(prompts))
-        except Exception as e:  # noqa: BLE001 - worded for the client, naming `input`
-            raise from_exception(e, prompt_param="input") from e
-        finally:
-            ctx.release_slots(1)
+        vectors = await ctx.call_engine(request, lambda: ctx.engine.embed(prompts), "input")
         data = [Embedding(index=i, embedding=self._encoded(v, req.encoding_format)) for i, v in enumerate(vectors)]
         tokens = sum(map(len, prompts))
         answer = EmbeddingResponse(data=data, model=ctx.served_model_name,

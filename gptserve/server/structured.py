@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -61,6 +61,14 @@ def _checked(grammar: str, param: str) -> str:
     return grammar
 
 
+def _check_schema(schema: dict, what: str, param: str) -> None:
+    """400 naming `param` unless `schema` is a valid JSON Schema (`what` says whose it is)."""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise InvalidRequestError(f"{what} is not a valid JSON Schema: {e.message}", param=param) from None
+
+
 def _schema_grammar(schema: Any, param: str) -> str:
     if isinstance(schema, str):
         try:
@@ -69,10 +77,7 @@ def _schema_grammar(schema: Any, param: str) -> str:
             raise InvalidRequestError(f"{param} is not valid JSON: {e}", param=param) from None
     if not isinstance(schema, dict):
         raise InvalidRequestError(f"{param} must be a JSON Schema object", param=param)
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise InvalidRequestError(f"{param} is not a valid JSON Schema: {e.message}", param=param) from None
+    _check_schema(schema, param, param)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides=JSON_LAYOUT)
     except ValueError as e:
@@ -84,24 +89,31 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lark string literal
 
 
-def format_grammar(response_format: ResponseFormat | None, structured: StructuredOutputs | None) -> str | None:
-    """The grammar of `response_format` or `structured_outputs` (at most one may be given)."""
+def format_grammar(response_format: ResponseFormat | None,
+                   structured: StructuredOutputs | None) -> tuple[str | None, str]:
+    """The grammar of `response_format` or `structured_outputs` (at most one may be given),
+    and the field it came from (for the engine's errors about it)."""
     if response_format is not None and structured is not None and response_format.type != "text":
         raise InvalidRequestError("give response_format or structured_outputs, not both", param="structured_outputs")
     if structured is not None:
-        if structured.json_ is not None:
-            return _schema_grammar(structured.json_, "structured_outputs.json")
-        if structured.regex is not None:
-            return _checked(llguidance.LLMatcher.grammar_from_regex(structured.regex), "structured_outputs.regex")
-        if structured.choice is not None:
-            lark = "start: " + " | ".join(_lark_string(c) for c in structured.choice)
-            return _checked(llguidance.LLMatcher.grammar_from_lark(lark), "structured_outputs.choice")
-        return _checked(llguidance.LLMatcher.grammar_from_lark(structured.grammar), "structured_outputs.grammar")
+        return _structured_grammar(structured), "structured_outputs"
     if response_format is None or response_format.type == "text":
-        return None
+        return None, "response_format"
     if response_format.type == "json_object":
-        return _schema_grammar(ANY_JSON_OBJECT, "response_format")
-    return _schema_grammar(response_format.json_schema.schema_, "response_format.json_schema.schema")
+        return _schema_grammar(ANY_JSON_OBJECT, "response_format"), "response_format"
+    return (_schema_grammar(response_format.json_schema.schema_, "response_format.json_schema.schema"),
+            "response_format")
+
+
+def _structured_grammar(structured: StructuredOutputs) -> str:
+    if structured.json_ is not None:
+        return _schema_grammar(structured.json_, "structured_outputs.json")
+    if structured.regex is not None:
+        return _checked(llguidance.LLMatcher.grammar_from_regex(structured.regex), "structured_outputs.regex")
+    if structured.choice is not None:
+        lark = "start: " + " | ".join(_lark_string(c) for c in structured.choice)
+        return _checked(llguidance.LLMatcher.grammar_from_lark(lark), "structured_outputs.choice")
+    return _checked(llguidance.LLMatcher.grammar_from_lark(structured.grammar), "structured_outputs.grammar")
 
 
 @dataclass
@@ -112,7 +124,6 @@ class ToolPlan:
     choice: str  # "none" | "auto" | "required" | a function's name
     parallel: bool
     grammar: str | None = None
-    names: list[str] = field(default_factory=list)
 
     @property
     def may_call(self) -> bool:
@@ -131,18 +142,15 @@ def tool_plan(tools: list[Tool] | None, tool_choice: str | NamedToolChoice | Non
     if isinstance(tool_choice, NamedToolChoice) and choice not in names:
         raise InvalidRequestError(f"tool_choice names '{choice}', which is not one of the tools ({', '.join(names)})",
                                   param="tool_choice")
-    plan = ToolPlan(tools, choice, parallel_tool_calls is not False, names=names)
+    plan = ToolPlan(tools, choice, parallel_tool_calls is not False)
     if choice == "none":
         return plan
     allowed = [t for t in tools if choice in ("auto", "required") or t.function.name == choice]
     variants = []
-    for i, tool in enumerate(allowed):
+    for tool in allowed:
         parameters = tool.function.parameters or NO_ARGUMENTS
-        try:
-            jsonschema.validators.validator_for(parameters).check_schema(parameters)
-        except jsonschema.SchemaError as e:
-            raise InvalidRequestError(f"the parameters of tool '{tool.function.name}' are not a valid JSON Schema: "
-                                      f"{e.message}", param=f"tools[{names.index(tool.function.name)}]") from None
+        _check_schema(parameters, f"the parameters of tool '{tool.function.name}'",
+                      f"tools[{names.index(tool.function.name)}]")
         variants.append({"type": "object", "properties": {"name": {"const": tool.function.name},
                                                           "arguments": closed_objects(parameters)},
                          "required": ["name", "arguments"], "additionalProperties": False})
