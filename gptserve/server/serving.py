@@ -15,12 +15,13 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
@@ -28,11 +29,11 @@ from gptserve.config import ServerConfig
 from gptserve.engine.client import EngineClient
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.server.chat_template import ChatTemplate
-from gptserve.server.errors import (ClientDisconnected, InvalidRequestError, ModelNotFoundError, NotReadyError,
+from gptserve.server.errors import (APIError, ClientDisconnected, InvalidRequestError, ModelNotFoundError, NotReadyError,
                                     QueueFullError, error_body, from_exception)
 from gptserve.server.generation import Generation
 from gptserve.server.metrics import ServerMetrics
-from gptserve.server.protocol import ChatMessage, SamplingRequest
+from gptserve.server.protocol import ChatMessage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,28 +77,27 @@ class ServingContext:
         if not self.engine.is_ready:
             raise NotReadyError("The engine is not ready to serve requests.")
 
-    def check_limits(self, req: SamplingRequest, max_tokens_param: str, logprobs_param: str) -> None:
-        """The server's own limits (ServerConfig); each message names the flag that sets it."""
+    def check_limits(self, *, max_tokens: int | None, max_tokens_param: str, n: int | None = 1,
+                     logprobs: int | None = None, logprobs_param: str = "logprobs",
+                     stop: list[str] | tuple[str, ...] = (), stop_param: str = "stop") -> None:
+        """The server's own limits (ServerConfig) on a request's sampling settings, whatever
+        API it came through; each message names the request's field and the flag that sets it."""
         cfg = self.config
-        if req.n is not None and req.n > cfg.max_n:
-            raise InvalidRequestError(f"n must be at most {cfg.max_n} on this server (--max-n), got {req.n}",
-                                      param="n")
-        max_tokens = req.max_new_tokens()
+        if n is not None and n > cfg.max_n:
+            raise InvalidRequestError(f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
         if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
             raise InvalidRequestError(f"{max_tokens_param} must be at most {cfg.max_tokens_limit} on this server "
                                       f"(--max-tokens-limit), got {max_tokens}", param=max_tokens_param)
-        logprobs = req.num_logprobs()
         if logprobs is not None and not 0 <= logprobs <= cfg.max_top_logprobs:
             raise InvalidRequestError(f"{logprobs_param} must be in [0, {cfg.max_top_logprobs}] on this server "
                                       f"(--max-top-logprobs), got {logprobs}", param=logprobs_param)
-        stops = req.stop_strings
-        if len(stops) > cfg.max_stop_strings:
+        if len(stop) > cfg.max_stop_strings:
             raise InvalidRequestError(f"at most {cfg.max_stop_strings} stop strings are allowed on this server "
-                                      f"(--max-stop-strings), got {len(stops)}", param="stop")
-        longest = max(map(len, stops), default=0)
+                                      f"(--max-stop-strings), got {len(stop)}", param=stop_param)
+        longest = max(map(len, stop), default=0)
         if longest > cfg.max_stop_length:
             raise InvalidRequestError(f"stop strings must be at most {cfg.max_stop_length} characters long on this "
-                                      f"server (--max-stop-length), got one of {longest}", param="stop")
+                                      f"server (--max-stop-length), got one of {longest}", param=stop_param)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         bad = self.limits.out_of_vocab(ids)
@@ -171,11 +171,14 @@ class ServingContext:
         return dataclasses.replace(params, max_tokens=max_tokens)
 
     async def respond(self, request: Request, generation: Generation, stream: bool,
-                      events: Callable[[], AsyncIterator[str]],
-                      complete: Callable[[], Awaitable[BaseModel]]) -> Response:
-        """The whole answer as JSON (`complete`), or `events` as SSE ending with `data: [DONE]`.
-        A stream starts once every prompt has its first output, so that errors before the
-        first token (too long, engine failure) are HTTP errors, not a broken stream."""
+                      events: Callable[[], AsyncIterator[Event]],
+                      complete: Callable[[], Awaitable[BaseModel]],
+                      stream_format: "StreamFormat | None" = None) -> Response:
+        """The whole answer as JSON (`complete`), or `events` as SSE framed as the API
+        family frames them (`stream_format`; OpenAI's chat and completions by default:
+        data lines ending with `data: [DONE]`). A stream starts once every prompt has its
+        first output, so that errors before the first token (too long, engine failure) are
+        HTTP errors, not a broken stream."""
         if not stream:
             try:
                 answer = await cancel_on_disconnect(request, complete())
@@ -187,7 +190,7 @@ class ServingContext:
         except BaseException:
             await generation.aclose()
             raise
-        return EventStream(sse_frames(events(), generation), generation,
+        return EventStream(sse_frames(events(), generation, stream_format or OPENAI_STREAM), generation,
                            sep="\n", shutdown_grace_period=STREAM_SHUTDOWN_GRACE_S,
                            send_timeout=self.config.stream_send_timeout)
 
@@ -242,18 +245,38 @@ class EventStream(EventSourceResponse):
             await self.generation.aclose()
 
 
-async def sse_frames(events: AsyncIterator[str], generation: Generation) -> AsyncIterator[str]:
-    """The SSE data lines: each event, an error event if the engine fails mid-stream, then [DONE].
-    Closing it early (the client went away) aborts the generation."""
+Event = str | ServerSentEvent  # a data line, or an event with its name
+
+
+def openai_error_event(err: APIError) -> Event:
+    return json.dumps(error_body(err.message, err.type, err.param, err.code))
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """How an API family ends its event stream and words an error that happens mid-stream."""
+
+    error_event: Callable[[APIError], Event] = openai_error_event
+    done: str | None = "[DONE]"  # the last data line, if the family sends one
+
+
+OPENAI_STREAM = StreamFormat()
+
+
+async def sse_frames(events: AsyncIterator[Event], generation: Generation,
+                     stream_format: StreamFormat) -> AsyncIterator[Event]:
+    """The SSE events: each event, an error event if the engine fails mid-stream, then the
+    family's last line. Closing it early (the client went away) aborts the generation."""
     try:
         try:
-            async for data in events:
-                yield data
+            async for event in events:
+                yield event
         except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
             err = from_exception(e, generation.request_id, generation.prompt_param, generation.grammar_param)
             log.warning("request %s failed mid-stream: %s", generation.request_id, err.message)
-            yield json.dumps(error_body(err.message, err.type, err.param, err.code))
-        yield "[DONE]"
+            yield stream_format.error_event(err)
+        if stream_format.done is not None:
+            yield stream_format.done
     finally:
         await events.aclose()  # type: ignore[attr-defined]
         await generation.aclose()

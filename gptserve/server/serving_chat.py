@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from gptserve.engine.outputs import Logprob
+from gptserve.engine.sampling_params import SamplingParams
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
-                                      ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+                                      ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                       ChatLogprobToken, ChatResponseMessage, DeltaMessage, TopLogprob, Usage)
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
 from gptserve.server.serving import ServingContext, clamp_logprob
@@ -33,6 +34,26 @@ def chat_logprobs(tokenizer: Tokenizer, logprobs: list[Logprob]) -> ChatLogprobs
     ])
 
 
+def open_chat(ctx: ServingContext, messages: list[ChatMessage], plan: ToolPlan | None, output_format: str | None,
+              format_param: str, sampling: Callable[[list[str], str | None], SamplingParams],
+              request_id: str) -> Generation:
+    """One chat turn, whatever API asked for it: the messages and the offered tools through
+    the chat template, constrained by the tools' grammar when the model may call them, else
+    by `output_format` (the grammar of the request's field `format_param`).
+    `sampling(extra_stop, grammar)` builds the request's SamplingParams."""
+    may_call = plan is not None and plan.may_call
+    if may_call and output_format is not None:
+        raise InvalidRequestError(f"a JSON {format_param} can't be combined with tools the model may call; "
+                                  "set tool_choice to 'none' or drop one", param=format_param)
+    grammar, grammar_param = (plan.grammar, "tools") if may_call else (output_format, format_param)
+    tools = [t.model_dump(exclude_none=True) for t in plan.tools] if plan is not None else None
+    prompt_ids = ctx.encode_chat(messages, tools=tools)
+    # the template's implicit stops end free text; a grammar ends its own output
+    free_text = grammar is None or plan is not None and plan.choice == "auto"
+    params = sampling(ctx.chat_template.stop if free_text else [], grammar)
+    return ctx.open_generation([prompt_ids], params, request_id, "messages", grammar_param)
+
+
 class ServingChat:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
@@ -42,25 +63,14 @@ class ServingChat:
         ctx.check_model(req.model)
         ctx.check_ready()
         max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        ctx.check_limits(req, max_tokens_param, "top_logprobs")
-        tools = req.tool_list
+        ctx.check_limits(n=req.n, max_tokens=req.max_new_tokens(), max_tokens_param=max_tokens_param,
+                         logprobs=req.num_logprobs(), logprobs_param="top_logprobs", stop=req.stop_strings)
         legacy = req.functions is not None  # one function_call, never several
-        plan = tool_plan(tools, req.tool_choice_or_legacy, False if legacy else req.parallel_tool_calls)
+        plan = tool_plan(req.tool_list, req.tool_choice_or_legacy, False if legacy else req.parallel_tool_calls)
         output_format, format_param = format_grammar(req.response_format, req.structured_outputs)
-        if plan is not None and plan.may_call and output_format is not None:
-            raise InvalidRequestError("a JSON response_format or structured_outputs can't be combined with tools "
-                                      "the model may call; set tool_choice to 'none' or drop one",
-                                      param="response_format")
-        if plan is not None and plan.may_call:
-            grammar, grammar_param = plan.grammar, "tools"
-        else:
-            grammar, grammar_param = output_format, format_param
-        prompt_ids = ctx.encode_chat(req.messages, tools=[t.model_dump(exclude_none=True) for t in tools or []])
-        # the template's implicit stops end free text; a grammar ends its own output
-        free_text = grammar is None or plan is not None and plan.choice == "auto"
-        params = req.to_sampling_params(extra_stop=ctx.chat_template.stop if free_text else [], grammar=grammar)
-        generation = ctx.open_generation([prompt_ids], params, f"chatcmpl-{uuid.uuid4().hex}", "messages",
-                                         grammar_param)
+        generation = open_chat(ctx, req.messages, plan, output_format, format_param,
+                               lambda stop, grammar: req.to_sampling_params(extra_stop=stop, grammar=grammar),
+                               f"chatcmpl-{uuid.uuid4().hex}")
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._chunks(req, generation, plan),
                                  lambda: self._complete(req, generation, plan))

@@ -64,7 +64,8 @@ class ServingCompletion:
         ctx = self.ctx
         ctx.check_model(req.model)
         ctx.check_ready()
-        ctx.check_limits(req, "max_tokens", "logprobs")
+        ctx.check_limits(n=req.n, max_tokens=req.max_new_tokens(), max_tokens_param="max_tokens",
+                         logprobs=req.num_logprobs(), logprobs_param="logprobs", stop=req.stop_strings)
         prompts, prompt_texts = self._prompts(req)
         grammar, grammar_param = format_grammar(req.response_format, req.structured_outputs)
         try:
