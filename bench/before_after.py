@@ -3,7 +3,8 @@
 Starts `gptserve serve` from each checkout in turn on the same random-weight GPT-2 small
 (bench/compare.py's checkpoint) and drives it with bench/serve.py at each concurrency:
 rounds alternate which side goes first, so drift on the machine falls on both. Reports
-each side's median over the rounds of output tokens/s and ITL p50, and after/before.
+each side's median over the rounds of output tokens/s, TTFT p50 and ITL p50, and
+after/before. `--endpoint chat` goes through the chat template (and its implicit stop).
 
     git worktree add .cache/before <commit>
     python bench/before_after.py --before .cache/before --json bench/results/before_after.json
@@ -44,18 +45,21 @@ def run_side(args: argparse.Namespace, checkpoint: Path, source: Path, tag: str)
             subprocess.run([sys.executable, str(BENCH / "serve.py"), "--base-url", base, "--concurrency", str(c),
                             "--num-requests", str(max(args.min_requests, args.waves * c)),
                             "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                            "--seed", "0", "--warmup", "0", "--result-file", str(result), "--disable-tqdm"],
+                            "--seed", "0", "--warmup", "0", "--result-file", str(result), "--disable-tqdm",
+                            "--endpoint", args.endpoint],
                            check=True, stdout=subprocess.DEVNULL)
             out[c] = json.loads(result.read_text())
             out[c].pop("config", None)  # the command line, with this machine's paths
-            print(f"{tag} c={c}: {out[c]['output_throughput']:.1f} tok/s, ITL p50 "
-                  f"{out[c]['itl_ms']['p50']:.1f} ms", flush=True)
+            print(f"{tag} c={c}: {out[c]['output_throughput']:.1f} tok/s, TTFT p50 "
+                  f"{out[c]['ttft_ms']['p50']:.1f} ms, ITL p50 {out[c]['itl_ms']['p50']:.1f} ms", flush=True)
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", type=Path, required=True, help="an older checkout (git worktree)")
+    p.add_argument("--after", type=Path, default=ROOT, help="a newer checkout (default: this one)")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--concurrency", default=[1, 16], type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--input-len", type=int, default=128)
@@ -69,24 +73,26 @@ def main() -> None:
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = make_checkpoint(CACHE / "bench")
-    sides = {"before": args.before.resolve(), "after": ROOT}
+    sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     runs: dict[str, list[dict[int, dict]]] = {"before": [], "after": []}
     for r in range(args.rounds):
         order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
         for side in order:
             runs[side].append(run_side(args, checkpoint, sides[side], f"{side}_r{r}"))
-    table = ["| concurrency | output tok/s before | after | after/before | ITL p50 ms before | after | "
-             "after/before |", "|---|---|---|---|---|---|---|"]
+    table = ["| concurrency | output tok/s before | after | after/before | TTFT p50 ms before | after | "
+             "after/before | ITL p50 ms before | after | after/before |", "|---|---|---|---|---|---|---|---|---|---|"]
     medians = {}
     for c in args.concurrency:
-        m = {side: (statistics.median(run[c]["output_throughput"] for run in runs[side]),
-                    statistics.median(run[c]["itl_ms"]["p50"] for run in runs[side])) for side in runs}
+        m = {side: [statistics.median(run[c]["output_throughput"] for run in runs[side]),
+                    statistics.median(run[c]["ttft_ms"]["p50"] for run in runs[side]),
+                    statistics.median(run[c]["itl_ms"]["p50"] for run in runs[side])] for side in runs}
         medians[c] = m
-        (tb, ib), (ta, ia) = m["before"], m["after"]
-        table.append(f"| {c} | {tb:.1f} | {ta:.1f} | {ta / tb:.2f} | {ib:.1f} | {ia:.1f} | {ia / ib:.2f} |")
+        row = [f"{m['before'][i]:.1f} | {m['after'][i]:.1f} | {m['after'][i] / m['before'][i]:.2f}" for i in range(3)]
+        table.append(f"| {c} | " + " | ".join(row) + " |")
     print("\n".join(table))
     if args.json:
         args.json.write_text(json.dumps({"medians": medians, "runs": runs, "rounds": args.rounds,
+                                         "endpoint": args.endpoint,
                                          "input_len": args.input_len, "output_len": args.output_len}, indent=1))
 
 

@@ -1,7 +1,8 @@
 """Serving benchmark: a load generator for any OpenAI-compatible server.
 
-Like vLLM's benchmark_serving: streamed requests to /v1/completions or
-/v1/chat/completions, closed-loop (`--concurrency N` requests in flight) or open-loop
+Like vLLM's benchmark_serving: streamed requests to /v1/completions,
+/v1/chat/completions, /v1/responses (OpenAI's Responses API) or /v1/messages
+(Anthropic's Messages API), closed-loop (`--concurrency N` requests in flight) or open-loop
 (Poisson arrivals at `--request-rate R` per second, optionally capped by
 `--concurrency`). Reports request throughput, output tokens/s, and TTFT, TPOT, ITL and
 end-to-end latency at mean/p50/p90/p99, plus failures and outputs of the wrong length.
@@ -29,6 +30,9 @@ from pathlib import Path
 
 import httpx
 
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions", "responses": "/v1/responses",
+             "messages": "/v1/messages"}
+CONVERSATIONAL = ("chat", "responses", "messages")  # prompts are a list of messages
 DEFAULT_VOCAB = Path(__file__).resolve().parents[1] / "gptserve" / "weights" / "default_model"
 ENDOFTEXT_ID = 50256
 
@@ -89,7 +93,7 @@ def synthetic_workload(n: int, input_len: int, output_len: int, range_ratio: flo
             prompt: str | list[int] | list[dict] = [t for _, t in chosen]
         else:
             prompt = "".join(w for w, _ in chosen)  # " the cat ...": one token per word
-        if endpoint == "chat":
+        if endpoint in CONVERSATIONAL:
             prompt = [{"role": "user", "content": prompt}]
             plen_known = None  # the chat template adds tokens that differ between servers
         else:
@@ -106,11 +110,12 @@ def jsonl_workload(path: Path, n: int, endpoint: str, default_output_len: int) -
             continue
         row = json.loads(line)
         olen = int(row.get("max_tokens") or row.get("output_len") or default_output_len)
-        if endpoint == "chat":
+        if endpoint in CONVERSATIONAL:
             prompt = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
         else:
             prompt = row["prompt"]
-        plen = row.get("prompt_len") or (len(prompt) if isinstance(prompt, list) and endpoint != "chat" else None)
+        plen = row.get("prompt_len") or (len(prompt) if isinstance(prompt, list) and endpoint not in CONVERSATIONAL
+                                         else None)
         specs.append(RequestSpec(prompt, plen, olen))
     if not specs:
         raise SystemExit(f"{path}: no requests")
@@ -120,18 +125,63 @@ def jsonl_workload(path: Path, n: int, endpoint: str, default_output_len: int) -
 # ---------------------------------------------------------------- one request
 
 def request_body(args: argparse.Namespace, spec: RequestSpec) -> dict:
-    body: dict = {"model": args.model, "max_tokens": spec.output_len, "temperature": args.temperature,
-                  "stream": True, "stream_options": {"include_usage": True}}
-    if args.endpoint == "chat":
-        body["messages"] = spec.prompt
+    body: dict = {"model": args.model, "temperature": args.temperature, "stream": True}
+    if args.endpoint == "responses":
+        body.update(input=spec.prompt, max_output_tokens=spec.output_len)
+    elif args.endpoint == "messages":
+        body.update(messages=spec.prompt, max_tokens=spec.output_len)
     else:
-        body["prompt"] = spec.prompt
+        body.update(max_tokens=spec.output_len, stream_options={"include_usage": True})
+        body["messages" if args.endpoint == "chat" else "prompt"] = spec.prompt
     if not args.no_ignore_eos:
         body["ignore_eos"] = True
     if args.eos_logit_bias:  # for servers without ignore_eos
         body["logit_bias"] = {str(ENDOFTEXT_ID): -100}
     body.update(args.extra_body)
     return body
+
+
+@dataclass
+class StreamEvent:
+    """What one SSE event of any endpoint says, in the same terms."""
+
+    texts: list[str] = field(default_factory=list)  # one per choice (or block) with new text
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+
+def read_event(endpoint: str, event: dict) -> StreamEvent:
+    out = StreamEvent()
+    kind = event.get("type", "")
+    if "error" in event and endpoint != "responses" or kind in ("error", "response.failed"):
+        out.error = json.dumps(event.get("error") or event.get("response", {}).get("error") or event)[:300]
+    elif endpoint == "responses":
+        if kind == "response.output_text.delta":
+            out.texts.append(event["delta"])
+        elif kind in ("response.completed", "response.incomplete"):
+            usage = event["response"].get("usage") or {}
+            out.finish_reason = event["response"]["status"]
+            out.prompt_tokens, out.completion_tokens = usage.get("input_tokens"), usage.get("output_tokens")
+    elif endpoint == "messages":
+        if kind == "content_block_delta" and event["delta"].get("type") == "text_delta":
+            out.texts.append(event["delta"]["text"])
+        elif kind == "message_start":
+            out.prompt_tokens = event["message"]["usage"].get("input_tokens")
+        elif kind == "message_delta":
+            out.finish_reason = event["delta"].get("stop_reason")
+            out.completion_tokens = event.get("usage", {}).get("output_tokens")
+    else:
+        for choice in event.get("choices") or []:
+            text = choice.get("text") if endpoint == "completions" else (choice.get("delta") or {}).get("content")
+            if text:
+                out.texts.append(text)
+            out.finish_reason = choice.get("finish_reason") or out.finish_reason
+        usage = event.get("usage")
+        if usage:
+            out.prompt_tokens, out.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    return out
 
 
 async def send_request(client: httpx.AsyncClient, url: str, args: argparse.Namespace,
@@ -153,28 +203,24 @@ async def send_request(client: httpx.AsyncClient, url: str, args: argparse.Names
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                event = json.loads(data)
-                if "error" in event:
-                    result.error = f"stream error: {json.dumps(event['error'])[:300]}"
+                event = read_event(args.endpoint, json.loads(data))
+                if event.error:
+                    result.error = f"stream error: {event.error}"
                     return result
                 now = time.perf_counter()
-                for choice in event.get("choices") or []:
-                    text = choice.get("text") if args.endpoint == "completions" else \
-                        (choice.get("delta") or {}).get("content")
-                    if text:
-                        if chunks_with_text == 0:
-                            result.ttft = now - start
-                        else:
-                            result.itl.append(now - last)
-                        chunks_with_text += 1
-                        last = now
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
-                usage = event.get("usage")
-                if usage:
+                for _ in event.texts:
+                    if chunks_with_text == 0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    chunks_with_text += 1
+                    last = now
+                result.finish_reason = event.finish_reason or result.finish_reason
+                if event.prompt_tokens is not None:
+                    result.prompt_tokens = event.prompt_tokens
+                if event.completion_tokens is not None:
                     result.usage_reported = True
-                    result.output_tokens = usage.get("completion_tokens", 0)
-                    result.prompt_tokens = usage.get("prompt_tokens")
+                    result.output_tokens = event.completion_tokens
         result.latency = time.perf_counter() - start
         if not result.usage_reported:
             result.output_tokens = chunks_with_text
@@ -189,7 +235,7 @@ async def send_request(client: httpx.AsyncClient, url: str, args: argparse.Names
 # ---------------------------------------------------------------- the run
 
 async def run_benchmark(args: argparse.Namespace, specs: list[RequestSpec]) -> tuple[list[RequestResult], float]:
-    url = args.base_url.rstrip("/") + ("/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions")
+    url = args.base_url.rstrip("/") + ENDPOINTS[args.endpoint]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     bar = progress_bar(len(specs), args.disable_tqdm)
@@ -197,7 +243,7 @@ async def run_benchmark(args: argparse.Namespace, specs: list[RequestSpec]) -> t
                                  trust_env=False) as client:
         for _ in range(args.warmup):
             # a prompt of its own, so no measured request starts from a warm prefix cache
-            prompt = [{"role": "user", "content": " warm up"}] if args.endpoint == "chat" else " warm up"
+            prompt = [{"role": "user", "content": " warm up"}] if args.endpoint in CONVERSATIONAL else " warm up"
             warm = await send_request(client, url, args, RequestSpec(prompt, None, 4), time.perf_counter())
             if not warm.ok:
                 raise SystemExit(f"warm-up request failed: {warm.error}")
@@ -336,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--endpoint", choices=list(ENDPOINTS), default="completions")
     p.add_argument("--concurrency", type=int, default=None,
                    help="requests in flight (closed loop; with --request-rate, a cap)")
     p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (open loop)")

@@ -7,6 +7,10 @@ import sys
 import uuid
 
 from gptserve.config import EngineConfig, ServerConfig
+from gptserve.server.request_id import RequestIdFilter
+
+# the request id is "-" outside a request (start-up, the engine thread)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +118,13 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-send-timeout", type=float, default=d.stream_send_timeout,
                    help="seconds a stream waits on a client that stopped reading before it is cut "
                         "and its request aborted")
+    p.add_argument("--state-dir", default=None,
+                   help="where the Responses API keeps stored responses (default: the user's state directory, "
+                        "e.g. ~/.local/state/gptserve)")
+    p.add_argument("--no-store", action="store_true",
+                   help="store no responses: previous_response_id and GET /v1/responses/{id} are then unavailable")
+    p.add_argument("--max-stored-responses", type=int, default=d.max_stored_responses,
+                   help="how many stored responses are kept; the oldest go first")
     limits = p.add_argument_group("request limits", "a request over one is refused with 400 (413 for the body), "
                                                     "the message naming the limit")
     limits.add_argument("--max-body-bytes", default=str(d.max_body_bytes),
@@ -139,7 +150,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         max_body_bytes=parse_bytes(args.max_body_bytes), max_messages=args.max_messages,
                         max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                         max_top_logprobs=args.max_top_logprobs, max_stop_strings=args.max_stop_strings,
-                        max_stop_length=args.max_stop_length, stream_send_timeout=args.stream_send_timeout)
+                        max_stop_length=args.max_stop_length, stream_send_timeout=args.stream_send_timeout,
+                        state_dir=args.state_dir, store_responses=not args.no_store,
+                        max_stored_responses=args.max_stored_responses)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -185,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     from gptserve.engine.outputs import EngineError
     from gptserve.engine.placement import PlacementError
     from gptserve.engine.sampling_params import InvalidSamplingParams

@@ -117,3 +117,6 @@ class ServerConfig:
     max_stop_strings: int = 8
     max_stop_length: int = 256
     stream_send_timeout: float = 60.0  # seconds a stream waits on a client that stopped reading
+    state_dir: str | None = None  # where stored responses live; None: the user's state directory
+    store_responses: bool = True  # False: the Responses API stores nothing (--no-store)
+    max_stored_responses: int = 10_000  # past this, the oldest stored responses are forgotten

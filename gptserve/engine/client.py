@@ -20,6 +20,7 @@ class EngineClient(Protocol):
     model_name: str
     tokenizer: Tokenizer
     model_config: ModelConfig
+    dtype: str  # of the weights and the KV cache, e.g. "float32"
     limits: EngineLimits
 
     @property

@@ -42,6 +42,7 @@ class DataParallelEngine:
         self.model_name = first.model_name
         self.tokenizer = first.tokenizer
         self.model_config = first.model_config
+        self.dtype = first.dtype
         self.limits = first.limits
         self.in_flight = [0] * len(replicas)
         self.owner: dict[str, int] = {}

@@ -55,7 +55,8 @@ class EngineLimits:
             raise InvalidSamplingParams(f"top_logprobs must be at most the vocabulary size {self.vocab_size}, "
                                         f"got {params.logprobs}", "top_logprobs")
         new = self.max_new_tokens(n, params)
-        if new < 1 or n + new > self.max_model_len:
+        no_room = new < 1 and params.max_tokens is None  # an explicit 0 asks for no room: it scores the prompt
+        if no_room or n + new > self.max_model_len:
             raise PromptTooLongError(n, params.max_tokens, self.max_model_len)
         if n + new > self.kv_capacity:
             raise PromptTooLongError(n, params.max_tokens, self.kv_capacity, kv_pool=True)

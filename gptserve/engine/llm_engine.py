@@ -123,6 +123,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        scored = batch.scored  # before the step counts its tokens as computed
         try:
             due = batch.due
             masks = self._grammars.start_masks([s.matcher for s in due]) if self._grammars is not None else None
@@ -151,6 +152,13 @@ class LLMEngine:
             if seq.index == 0 and req.parked:  # the prompt is cached now: siblings share it
                 self.scheduler.add_next(req.parked)
                 req.parked = []
+        for seq in scored:  # prompt-only (max_tokens 0): done once the prompt is read and scored
+            req = self.requests.get(seq.request_id)
+            if req is not None and not seq.is_finished:
+                for choice in req.seqs:  # n choices of the same nothing: the parked siblings end unrun
+                    self._finish(choice, FinishReason.LENGTH, None)
+                req.parked = []
+                touched[seq.request_id] = req
         return failed + [self._output(req) for req in touched.values()]
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:

@@ -90,7 +90,7 @@ class ModelRunner:
             meta.prefills.append(PrefillSpan(start, start + n, first + n, table.to(dev, non_blocking=True)))
             if seq.prompt_logprobs is not None and first < seq.num_prompt_tokens:
                 logprob_spans.append((seq, start, n))
-            if first + n == len(seq):  # the chunk completes the sequence: its next token is due
+            if seq.is_due_after(n):  # the chunk completes a sequence that generates: its next token is due
                 rows.append(start + n - 1)
                 sampled.append(seq)
             start += n
@@ -103,12 +103,16 @@ class ModelRunner:
         return hidden, rows, sampled
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, chunk_ids: torch.Tensor) -> None:
-        """Logprob of each prompt token given what precedes it (completions' echo + logprobs)."""
-        first = seq.num_computed_tokens
-        targets = seq.token_ids[first + 1:min(first + len(chunk_ids) + 1, seq.num_prompt_tokens)]
+        """Logprob of each prompt token given what precedes it (completions' echo + logprobs),
+        for the tokens this chunk predicts that have none yet: a prefill recomputed after
+        preemption predicts tokens it already scored."""
+        first = seq.num_computed_tokens  # row i of the chunk predicts token first + i + 1
+        start = max(len(seq.prompt_logprobs), first + 1)
+        end = min(first + len(chunk_ids) + 1, seq.num_prompt_tokens)
+        targets = seq.token_ids[start:end]
         if not targets:
             return
-        lp = torch.log_softmax(self.model.logits(hidden[:len(targets)]).float(), dim=-1)
+        lp = torch.log_softmax(self.model.logits(hidden[start - first - 1:end - first - 1]).float(), dim=-1)
         k = seq.params.logprobs or 0
         tgt = torch.tensor(targets, device=lp.device)
         chosen = lp.gather(1, tgt[:, None]).squeeze(1).tolist()

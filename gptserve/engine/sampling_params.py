@@ -15,7 +15,7 @@ class InvalidSamplingParams(ValueError):
 @dataclass
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 16  # None: up to the context limit
+    max_tokens: int | None = 16  # None: up to the context limit; 0 (with prompt_logprobs): score the prompt only
     temperature: float = 1.0  # 0 is greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
@@ -47,8 +47,9 @@ class SamplingParams:
 
         if self.n < 1:
             bad(f"n must be at least 1, got {self.n}", "n")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        fewest = 0 if self.prompt_logprobs else 1  # 0 generates nothing: it only serves to score the prompt
+        if self.max_tokens is not None and self.max_tokens < fewest:
+            bad(f"max_tokens must be at least {fewest}, got {self.max_tokens}", "max_tokens")
         if not 0.0 <= self.temperature <= 2.0:
             bad(f"temperature must be in [0, 2], got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:

@@ -24,7 +24,13 @@ class ScheduledBatch:
     def due(self) -> list[Sequence]:
         """The sequences whose next token this step samples, in the batch's row order:
         every decode, and each prefill whose chunk completes its sequence."""
-        return self.decodes + [seq for seq, n in self.prefills if seq.num_computed_tokens + n == len(seq)]
+        return self.decodes + [seq for seq, n in self.prefills if seq.is_due_after(n)]
+
+    @property
+    def scored(self) -> list[Sequence]:
+        """The prompt-only sequences (max_tokens 0) whose chunk completes their prompt: done
+        after this step, with nothing sampled."""
+        return [seq for seq, n in self.prefills if seq.scores_only and seq.is_read_after(n)]
 
     @property
     def num_tokens(self) -> int:

@@ -71,6 +71,19 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def scores_only(self) -> bool:
+        """max_tokens 0: the sequence reads (and scores) its prompt and generates nothing."""
+        return self.params.max_tokens == 0
+
+    def is_read_after(self, n: int) -> bool:
+        """Whether n more computed tokens put all of this sequence's tokens in the cache."""
+        return self.num_computed_tokens + n == len(self)
+
+    def is_due_after(self, n: int) -> bool:
+        """Whether n more computed tokens make this sequence's next token due."""
+        return self.is_read_after(n) and not self.scores_only
+
     def take_news(self) -> tuple[list[int], str, list[Logprob]]:
         news = self.new_token_ids, self.new_text, self.new_logprobs
         self.new_token_ids, self.new_text, self.new_logprobs = [], "", []

@@ -47,9 +47,16 @@ class Tokenizer:
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
         return _load(str(Path(folder).resolve()))
 
-    def encode(self, text: str) -> list[int]:
-        # special tokens written in user text stay plain text, as in the OpenAI API
-        return self.encoding.encode_ordinary(text)
+    @property
+    def special_tokens(self) -> set[str]:
+        return set(self.encoding.special_tokens_set)
+
+    def encode(self, text: str, allowed_special: set[str] | frozenset[str] = frozenset()) -> list[int]:
+        """Special tokens written in text stay plain text, as in the OpenAI API, except those
+        in `allowed_special` (tiktoken's name), which become their own token."""
+        if not allowed_special:
+            return self.encoding.encode_ordinary(text)
+        return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids, errors="replace")

@@ -3,6 +3,8 @@
 The lifespan starts and stops the engine; the API key is a dependency of the API
 router; bodies over `max_body_bytes` are refused with 413 before anyone parses them;
 CORS is off unless origins are configured. GET / is the playground page (static/).
+Every response carries the request's `x-request-id` (request_id.py); every GET route
+answers HEAD (head.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
+import platformdirs
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
@@ -24,12 +27,17 @@ from gptserve.server import routes
 from gptserve.server.chat_template import ChatTemplate
 from gptserve.server.errors import (AuthenticationError, RequestTooLargeError, error_response, error_responses,
                                     install_error_handlers)
+from gptserve.server.head import HeadAsGet
 from gptserve.server.inspect import router as inspect_router
 from gptserve.server.metrics import ServerMetrics
+from gptserve.server.request_id import RequestIdMiddleware
+from gptserve.server.response_store import ResponseStore
 from gptserve.server.serving import ServingContext
 from gptserve.server.serving_chat import ServingChat
 from gptserve.server.serving_completion import ServingCompletion
 from gptserve.server.serving_embedding import ServingEmbedding
+from gptserve.server.serving_messages import ServingMessages
+from gptserve.server.serving_responses import ServingResponses
 
 if TYPE_CHECKING:
     from gptserve.engine.client import EngineClient
@@ -39,14 +47,18 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 
 def require_api_key(request: Request) -> None:
-    """`Authorization: Bearer <key>` when the server has a key; the key is never logged."""
+    """When the server has a key: `Authorization: Bearer <key>` (OpenAI's clients) or
+    `x-api-key: <key>` (Anthropic's); the key is never logged."""
     expected = request.app.state.serving.config.api_key
     if not expected:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    key = token.strip() if scheme.lower() == "bearer" else ""
+    key = key or request.headers.get("x-api-key", "").strip()
+    if not key:
+        raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+                                  "or 'x-api-key: <key>'.")
+    if not hmac.compare_digest(key.encode(), expected.encode()):
         raise AuthenticationError("Incorrect API key provided.")
 
 
@@ -69,7 +81,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(self._too_large())(scope, receive, send)
+            return await error_response(self._too_large(), path=scope["path"])(scope, receive, send)
         received = 0
 
         async def counting_receive() -> Message:
@@ -83,10 +95,28 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
+class GptServeApp(FastAPI):
+    """FastAPI with the request id outermost: around Starlette's ServerErrorMiddleware too
+    (which add_middleware can't wrap), so even the 500 of an unexpected exception, and
+    its log line, carry the id."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestIdMiddleware(super().build_middleware_stack())
+
+
+def response_store(config: ServerConfig) -> ResponseStore | None:
+    """The Responses API's store, unless the server stores nothing (--no-store)."""
+    if not config.store_responses:
+        return None
+    state_dir = Path(config.state_dir) if config.state_dir else platformdirs.user_state_path("gptserve")
+    return ResponseStore(state_dir, config.max_stored_responses)
+
+
 def build_app(engine: "EngineClient", server_config: ServerConfig | None = None) -> FastAPI:
     config = server_config or ServerConfig()
     eos = engine.tokenizer.token_str(engine.tokenizer.eos_token_id)
     ctx = ServingContext(engine, config, ServerMetrics(engine), ChatTemplate.load(config.chat_template, eos, eos))
+    store = response_store(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,12 +126,16 @@ def build_app(engine: "EngineClient", server_config: ServerConfig | None = None)
             yield
         finally:
             await ctx.stop_engine()
+            if store is not None:
+                store.close()
 
-    app = FastAPI(title="gptserve", summary="OpenAI-compatible GPT-2 server", lifespan=lifespan)
+    app = GptServeApp(title="gptserve", summary="OpenAI-compatible GPT-2 server", lifespan=lifespan)
     app.state.serving = ctx
     app.state.chat = ServingChat(ctx)
     app.state.completion = ServingCompletion(ctx)
     app.state.embedding = ServingEmbedding(ctx)
+    app.state.messages = ServingMessages(ctx)
+    app.state.responses = ServingResponses(ctx, store)
     install_error_handlers(app)
     app.include_router(routes.public_router)
     keyed = [Depends(require_api_key)]
@@ -110,6 +144,7 @@ def build_app(engine: "EngineClient", server_config: ServerConfig | None = None)
     app.add_api_route("/", playground, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(HeadAsGet)
     if config.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origins),
                            allow_methods=["*"], allow_headers=["*"])

@@ -25,14 +25,14 @@ from gptserve.server.protocol import ChatMessage
 DEFAULT_CHAT_TEMPLATE = (
     "{%- set labels = {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant',"
     " 'tool': 'Tool', 'function': 'Tool'} -%}"
-    "{%- if tools -%}"
+    "{%- if tools is defined and tools -%}"
     "System: You can call these tools. To call one, answer with <tool_call>{\"name\": ..., \"arguments\": {...}}"
     "</tool_call> and nothing else.{{ '\\n' }}"
     "{%- for tool in tools %}Tool {{ tool['function']['name'] }}: {{ tool['function'] | tojson }}\n{% endfor -%}"
     "{%- endif -%}"
     "{%- for message in messages -%}"
     "{{ labels[message['role']] }}: "
-    "{%- if message['tool_calls'] -%}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
     "{%- for call in message['tool_calls'] %} <tool_call>{\"name\": {{ call['function']['name'] | tojson }}, "
     "\"arguments\": {{ call['function']['arguments'] | tojson }}}</tool_call>{% endfor -%}"
     "{%- else %} {{ message['content'] }}{% endif -%}"
@@ -59,6 +59,7 @@ class ChatTemplate:
             self.template = env.from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"chat template does not compile: {e} (line {e.lineno})") from None
+        self.source = source  # the Jinja text, for clients that render chats themselves (/tokenizer_info)
         self.stop = stop  # implicit stop strings of this template
         self.bos_token, self.eos_token = bos_token, eos_token
         self.uses_eos_token = "eos_token" in source or "bos_token" in source  # GPT-2: both <|endoftext|>

@@ -1,8 +1,9 @@
-"""Every failure a client can see, as OpenAI's error body, decided in this one place.
+"""Every failure a client can see, as its API's error body, decided in this one place.
 
 Routes and serving code raise; the handlers installed here translate. The body is
-always `{"error": {"message", "type", "param", "code"}}` and an invalid request is 400,
-never FastAPI's 422.
+OpenAI's `{"error": {"message", "type", "param", "code"}}`, or on Anthropic's Messages
+API (/v1/messages*) Anthropic's `{"type": "error", "error": {"type", "message"}}`, with
+the same status either way; an invalid request is 400, never FastAPI's 422.
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from gptserve.engine.grammar import GrammarError
 from gptserve.engine.outputs import EngineDeadError, InvalidPromptError, PromptTooLongError, RequestFailedError
 from gptserve.engine.sampling_params import InvalidSamplingParams
 from gptserve.server.protocol import INVALID, UNSUPPORTED, ErrorResponse
+from gptserve.server.protocol.anthropic_answers import AnthropicErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +118,40 @@ ERROR_STATUSES = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict]:
-    """OpenAPI `responses` entries for these error statuses, each with OpenAI's error body."""
-    return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
+# Anthropic's error type for each status; 503 (not ready, shutting down) is its "overloaded"
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 503: "overloaded_error"}
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether the route at `path` is Anthropic's Messages API, whose errors are Anthropic's shape."""
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+def error_responses(*statuses: int, model: type[BaseModel] = ErrorResponse) -> dict[int | str, dict]:
+    """OpenAPI `responses` entries for these error statuses, each with OpenAI's error body
+    (or `model`: AnthropicErrorResponse on the Messages API)."""
+    return {status: {"model": model, "description": ERROR_STATUSES[status]} for status in statuses}
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(err.message, err.type, err.param, err.code),
-                        status_code=err.status_code, headers=headers)
+def anthropic_error_body(err: APIError) -> dict:
+    """Anthropic's body has no param: the message names it, as Anthropic's do ("max_tokens: ...")."""
+    kind = ANTHROPIC_ERROR_TYPES.get(err.status_code, "invalid_request_error" if err.status_code < 500 else "api_error")
+    message = err.message if not err.param or err.param in err.message else f"{err.param}: {err.message}"
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_response(err: APIError, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """`err` as the body of the API at `path` (the request's URL path)."""
+    body = anthropic_error_body(err) if speaks_anthropic(path) else error_body(err.message, err.type, err.param,
+                                                                                   err.code)
+    return JSONResponse(body, status_code=err.status_code, headers=headers)
 
 
 def from_exception(exc: BaseException, request_id: str | None = None, prompt_param: str = "prompt",
@@ -187,12 +213,22 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid value for '{param}': {msg}", param=param)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this request's path."""
+    scope = {**request.scope, "method": "GET"}
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_exception(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(from_exception(exc))
+        return error_response(from_exception(exc), path=request.url.path)
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+        return error_response(validation_error(exc), path=request.url.path)
 
     async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
@@ -202,7 +238,10 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             err = InvalidRequestError(str(exc.detail))
             err.status_code = exc.status_code
-        return error_response(err, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names only the first route on the path
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(err, headers=headers, path=request.url.path)
 
     # known kinds get their own entry, or Starlette would also log them as unhandled 500s
     for kind in (APIError, InvalidSamplingParams, InvalidPromptError, PromptTooLongError, GrammarError,
@@ -215,15 +254,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def document_validation_errors(app: FastAPI) -> None:
     """The OpenAPI document says what the handlers above do: where FastAPI would promise a
-    422 (an operation with a body or parameters) it is a 400 in OpenAI's shape, and a
-    body can be refused with 413."""
+    422 (an operation with a body or parameters) it is a 400 in its API's error shape, and
+    a body can be refused with 413."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            error_schema = {"$ref": "#/components/schemas/ErrorResponse"}
-            for operation in (op for path in schema["paths"].values() for op in path.values()):
+            for path, operation in ((p, op) for p, ops in schema["paths"].items() for op in ops.values()):
+                name = "AnthropicErrorResponse" if speaks_anthropic(path) else "ErrorResponse"
+                error_schema = {"$ref": f"#/components/schemas/{name}"}
                 responses = operation["responses"]
                 if responses.pop("422", None) is None:
                     continue
@@ -234,9 +274,10 @@ def document_validation_errors(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            if "ErrorResponse" not in components:
-                error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(error.pop("$defs", {}), ErrorResponse=error)
+            for model in (ErrorResponse, AnthropicErrorResponse):
+                if model.__name__ not in components:
+                    error = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                    components.update(error.pop("$defs", {}), **{model.__name__: error})
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -130,6 +130,7 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it, if one did
 
 
 @dataclass
@@ -161,6 +162,7 @@ async def collect(generation: Generation) -> list[PromptResult]:
             choice.token_ids.extend(delta.token_ids)
             choice.logprobs.extend(delta.logprobs or [])
             choice.finish_reason = finish_reason_of(delta.finish_reason) or choice.finish_reason
+            choice.stop_reason = delta.stop_reason if delta.stop_reason is not None else choice.stop_reason
     return [results[i] for i in sorted(results)]
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import logging
 import time
@@ -48,6 +50,17 @@ def clamp_logprob(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
 
+def system_fingerprint(engine: EngineClient) -> str:
+    """OpenAI's system_fingerprint: one value per backend that may answer differently (our
+    version, the model, its dtype, shape and context), so clients can tell when it changed."""
+    try:
+        version = importlib.metadata.version("gptserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        version = "source"
+    backend = f"{version}|{engine.model_name}|{engine.dtype}|{engine.model_config}|{engine.limits.max_model_len}"
+    return "fp_" + hashlib.sha256(backend.encode()).hexdigest()[:12]
+
+
 class ServingContext:
     """The engine and the server's settings, limits and queue, shared by all routes."""
 
@@ -61,6 +74,7 @@ class ServingContext:
         self.chat_template = chat_template
         self.served_model_name = config.served_model_name or engine.model_name
         self.created = int(time.time())
+        self.system_fingerprint = system_fingerprint(engine)
         self.num_in_flight = 0  # queue slots taken: engine requests admitted and not yet closed
         self.draining = False
         self._engine_stopped: asyncio.Future | None = None

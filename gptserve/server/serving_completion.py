@@ -116,7 +116,8 @@ class ServingCompletion:
                 choices.append(CompletionChoice(index=prompt_index * n + i, text=echo_text + choice.text,
                                                 logprobs=logprobs, finish_reason=choice.finish_reason))
         return CompletionResponse(id=generation.request_id, model=self.ctx.served_model_name,
-                                  choices=choices, usage=usage_of(results))
+                                  choices=choices, usage=usage_of(results),
+                                  system_fingerprint=self.ctx.system_fingerprint)
 
     async def _chunks(self, req: CompletionRequest, generation: Generation,
                       prompt_texts: list[str]) -> AsyncIterator[str]:
@@ -125,7 +126,8 @@ class ServingCompletion:
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
             return CompletionResponse(id=request_id, created=created, model=self.ctx.served_model_name,
-                                      choices=choices, usage=usage).model_dump_json()
+                                      choices=choices, usage=usage,
+                                      system_fingerprint=self.ctx.system_fingerprint).model_dump_json()
 
         usage = UsageCounter()
         async for prompt_index, out in generation:

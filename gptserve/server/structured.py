@@ -30,6 +30,7 @@ import llguidance
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (FunctionCall, NamedToolChoice, ResponseFormat, StructuredOutputs, Tool,
                                       ToolCall, ToolCallDelta)
+from gptserve.server.protocol.responses import TextFormat
 from gptserve.server.protocol.structured import FunctionCallDelta
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -103,6 +104,15 @@ def format_grammar(response_format: ResponseFormat | None,
         return _schema_grammar(ANY_JSON_OBJECT, "response_format"), "response_format"
     return (_schema_grammar(response_format.json_schema.schema_, "response_format.json_schema.schema"),
             "response_format")
+
+
+def text_format_grammar(text_format: TextFormat | None) -> str | None:
+    """The grammar of the Responses API's `text.format`."""
+    if text_format is None or text_format.type == "text":
+        return None
+    if text_format.type == "json_object":
+        return _schema_grammar(ANY_JSON_OBJECT, "text.format")
+    return _schema_grammar(text_format.schema_, "text.format.schema")
 
 
 def _structured_grammar(structured: StructuredOutputs) -> str:

@@ -3,6 +3,7 @@ behind uvicorn on 127.0.0.1 in a background thread), for the whole session or on
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class RunningServer:
 
 def start_server(model_dir: Path, **server_settings) -> RunningServer:
     engine_config = EngineConfig(device="cpu", dtype="float32", kv_cache_memory=8 * 2**20, enforce_eager=True)
+    # stored responses go to a fresh directory, never the user's own state directory
+    server_settings.setdefault("state_dir", tempfile.mkdtemp(prefix="gptserve-state-"))
     server_config = dataclasses.replace(ServerConfig(port=0, served_model_name=MODEL_NAME), **server_settings)
     app = build_app(AsyncEngine(str(model_dir), engine_config), server_config)
     server = make_server(app, server_config, log_level="warning")

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions through the official openai client and raw HTTP."""
 from __future__ import annotations
 
+import codecs
 import json
 
 import httpx
@@ -145,3 +146,61 @@ async def test_async_client_streams(server):
     finishes = [chunk.choices[0].finish_reason async for chunk in stream if chunk.choices]
     assert finishes[-1] == "length"
     await client.close()
+
+
+# --- the faithful stream: a token's text goes out with that token ---------------------------
+
+STORY = [{"role": "user", "content": "Tell me a story."}]
+SAMPLED = {"temperature": 1.0, "seed": 7, "max_tokens": 40, "extra_body": FIXED}  # varied tokens, reproducible
+
+
+def replay(token_bytes: list[bytes], stops: list[str]) -> tuple[list[str], list[bool]]:
+    """What each token should release when streamed: its text, less the tail of everything
+    so far that is a proper prefix of a stop string (held until the next token decides) and
+    less an unfinished UTF-8 character; the last token also releases what is still held.
+    And whether anything was held after each token."""
+    decoder, pending, released, holding = codecs.getincrementaldecoder("utf-8")("replace"), "", [], []
+    for data in token_bytes:
+        pending += decoder.decode(data)
+        held = max((k for k in range(1, len(pending) + 1)
+                    if any(len(s) > k and s.startswith(pending[-k:]) for s in stops)), default=0)
+        released.append(pending[:len(pending) - held])
+        pending = pending[len(pending) - held:]
+        holding.append(bool(pending) or decoder.getstate()[0] != b"")
+    released[-1] += pending + decoder.decode(b"", final=True)
+    holding[-1] = False
+    return released, holding
+
+
+def test_each_token_streams_its_own_text_unless_a_stop_string_may_begin(client: openai.OpenAI):
+    tokens = chat(client, messages=STORY, logprobs=True, **SAMPLED).choices[0].logprobs.content
+    # a stop string that never occurs but begins like a token that does: that token's text is
+    # held until the next token shows it is not the stop string
+    held_token = next(t for t in tokens[5:-1] if t.token.strip() and bytes(t.bytes).decode("utf-8", "replace") == t.token)
+    stops = [held_token.token + "\u2042never", "\nUser:"]  # the second: the default template's own
+    chunks = [c.choices[0] for c in chat(client, messages=STORY, logprobs=True, stop=stops[0], stream=True, **SAMPLED)
+              if c.choices and c.choices[0].logprobs]
+    assert [t.token for c in chunks for t in c.logprobs.content] == [t.token for t in tokens]
+    assert [len(c.logprobs.content) for c in chunks] == [1] * 40  # one chunk a token
+    expected, holding = replay([bytes(t.bytes) for t in tokens], stops)
+    assert [c.delta.content or "" for c in chunks] == expected
+    assert expected.count("") >= 1  # the stop string's beginning was really held
+    for chunk, held_before, held_after in zip(chunks, [False] + holding, holding):
+        if not held_before and not held_after:  # the chunk's text is its own token's, whole
+            assert bytes(chunk.logprobs.content[0].bytes).decode() == chunk.delta.content
+
+
+def test_every_token_is_a_content_chunk_unless_its_text_is_held(client: openai.OpenAI):
+    tokens = chat(client, messages=STORY, logprobs=True, **SAMPLED).choices[0].logprobs.content
+    expected, _ = replay([bytes(t.bytes) for t in tokens], ["\nUser:"])
+    contents = [c.choices[0].delta.content for c in chat(client, messages=STORY, stream=True, **SAMPLED)
+                if c.choices and c.choices[0].delta.content]
+    assert contents == [text for text in expected if text]
+    assert len(contents) == 40 - expected.count("")
+
+
+def test_chat_answers_and_chunks_carry_the_servers_system_fingerprint(client: openai.OpenAI, server):
+    fingerprint = server.serving.system_fingerprint
+    assert fingerprint.startswith("fp_") and len(fingerprint) > 3
+    assert chat(client).system_fingerprint == fingerprint
+    assert {chunk.system_fingerprint for chunk in chat(client, stream=True)} == {fingerprint}

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 
 import openai
+import pytest
+import torch
+
+from tests.server.test_concurrency import kv_blocks_used, wait_until
 
 FIXED = {"ignore_eos": True}  # random weights: without it a completion may end at any token
 
@@ -112,3 +116,81 @@ def test_empty_prompt_starts_a_new_document(client: openai.OpenAI):
     reply = complete(client, prompt="", max_tokens=2)
     assert reply.usage.prompt_tokens == 1  # <|endoftext|>
     assert reply.choices[0].finish_reason == "length"
+
+
+# --- scoring a prompt: echo, logprobs and max_tokens 0 (lm-evaluation-harness' loglikelihood) ---
+
+SCORED = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+
+
+def reference_logprobs(reference, ids: list[int]) -> list[float]:
+    """transformers' logprob of each token after the first, given the ones before it."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [float(logprobs[i - 1, t]) for i, t in enumerate(ids) if i]
+
+
+def score(client: openai.OpenAI, **kwargs):
+    args = {"model": "tiny-gpt2", "prompt": SCORED, "max_tokens": 0, "echo": True, "logprobs": 1}
+    return client.completions.create(**{**args, **kwargs})
+
+
+def test_echo_and_max_tokens_0_score_the_prompt_as_transformers_does(client: openai.OpenAI, http, reference):
+    ids = http.post("/tokenize", json={"prompt": SCORED}).json()["tokens"]
+    reply = score(client)
+    [choice] = reply.choices
+    assert choice.text == SCORED and choice.finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 0)
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == SCORED and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing comes before it
+    assert lp.token_logprobs[1:] == pytest.approx(reference_logprobs(reference, ids), abs=1e-4)
+    assert all(top[token] == logprob for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:],
+                                                                     lp.top_logprobs[1:]))
+
+
+def test_streamed_scoring_equals_unstreamed(client: openai.OpenAI):
+    whole = score(client).choices[0]
+    chunks = list(score(client, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    logprobs = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert text == whole.text and logprobs == whole.logprobs.token_logprobs
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+
+
+def test_a_batch_of_prompts_with_n_choices_is_scored_and_frees_its_blocks(client: openai.OpenAI, http):
+    prompts = [SCORED, "Once upon a time"]
+    reply = score(client, prompt=prompts, n=2)
+    assert [c.text for c in reply.choices] == [SCORED, SCORED, prompts[1], prompts[1]]
+    assert reply.choices[0].logprobs == reply.choices[1].logprobs
+    assert reply.choices[2].logprobs.token_logprobs[1:] == score(client, prompt=prompts[1]).choices[0].logprobs.token_logprobs[1:]
+    wait_until(lambda: kv_blocks_used(http) == 0)
+
+
+def test_a_prompt_that_fills_the_context_can_be_scored_not_continued(client: openai.OpenAI):
+    full = list(range(1000, 1256))  # the tiny model's whole context, 256 tokens
+    assert len(score(client, prompt=full).choices[0].logprobs.tokens) == 256
+    with pytest.raises(openai.BadRequestError):
+        score(client, prompt=full, max_tokens=1)
+
+
+@pytest.mark.parametrize("fields", [{"echo": False}, {"logprobs": None}], ids=["without echo", "without logprobs"])
+def test_max_tokens_0_that_scores_nothing_is_400(http, fields: dict):
+    body = {"prompt": "Hi", "max_tokens": 0, "echo": True, "logprobs": 1, **fields}
+    response = http.post("/v1/completions", json={k: v for k, v in body.items() if v is not None})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_tokens"
+
+
+def test_completions_carry_a_stable_system_fingerprint(client: openai.OpenAI):
+    first, second = complete(client), complete(client, stream=True)
+    fingerprints = {first.system_fingerprint} | {chunk.system_fingerprint for chunk in second}
+    assert len(fingerprints) == 1 and first.system_fingerprint.startswith("fp_")

@@ -4,7 +4,10 @@ chains of calls), a bounded and seeded number of each.
 
 Whatever it sends: no 5xx; every status, content type and body is one the document
 declares; a request the document calls invalid is refused; every error is OpenAI's
-`{"error": {"message", "type", "param", "code"}}`; every stream ends with `data: [DONE]`.
+`{"error": {"message", "type", "param", "code"}}` (Anthropic's `{"type": "error", "error":
+{"type", "message"}}` on /v1/messages*); every stream ends with `data: [DONE]` (Anthropic's
+with a message_stop or error event, the Responses API's with response.completed,
+response.incomplete or response.failed, its events numbered in order).
 The tests after it pin what it found.
 
 (schemathesis runs here through its engine, as its CLI does: its pytest plugin's lazy
@@ -21,6 +24,7 @@ import pytest
 import schemathesis
 from schemathesis.engine import Status, events, from_schema
 
+from gptserve.server.errors import speaks_anthropic
 from tests.server.conftest import RunningServer, start_server
 from tests.server.test_errors import assert_error
 
@@ -43,16 +47,31 @@ positive_data_acceptance.enabled = false
 
 
 @schemathesis.check
-def errors_are_openai_shaped(ctx, response, case) -> None:
-    if response.status_code >= 400:
+def errors_are_in_their_apis_shape(ctx, response, case) -> None:
+    if response.status_code >= 400 and speaks_anthropic(case.path):
+        body = json.loads(response.content)
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    elif response.status_code >= 400:
         error = json.loads(response.content)["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
         assert isinstance(error["message"], str) and error["message"], error
 
 
 @schemathesis.check
-def streams_end_with_done(ctx, response, case) -> None:
-    if response.status_code == 200 and response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
+def streams_end_as_their_api_ends_them(ctx, response, case) -> None:
+    streamed = response.status_code == 200 and response.headers.get("content-type", [""])[0].startswith(
+        "text/event-stream")
+    if streamed and speaks_anthropic(case.path):
+        names = [line.removeprefix("event: ") for line in response.text.splitlines() if line.startswith("event: ")]
+        assert names and names[0] == "message_start" and names[-1] in ("message_stop", "error"), response.text
+    elif streamed and case.path.startswith("/v1/responses"):
+        data = [json.loads(line.removeprefix("data: ")) for line in response.text.splitlines()
+                if line.startswith("data: ")]
+        assert data and data[0]["type"] == "response.created", response.text
+        assert data[-1]["type"] in ("response.completed", "response.incomplete", "response.failed"), response.text
+        assert [event["sequence_number"] for event in data] == list(range(len(data))), response.text
+    elif streamed:
         data = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
         assert data and data[-1] == "[DONE]", response.text
         for event in map(json.loads, data[:-1]):

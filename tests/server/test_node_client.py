@@ -24,7 +24,7 @@ def node_client() -> Path:
     return NODE_DIR / "client.mjs"
 
 
-def test_node_openai_client_gets_plain_and_streamed_replies(server, node_client):
+def test_node_openai_client_gets_plain_and_streamed_chat_and_responses(server, node_client):
     run = subprocess.run(["node", str(node_client), f"{server.base_url}/v1", "tiny-gpt2"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -32,3 +32,6 @@ def test_node_openai_client_gets_plain_and_streamed_replies(server, node_client)
     assert result["plainFinish"] == result["streamFinish"] == "length"
     assert result["plain"] and result["streamed"] == result["plain"]
     assert result["plainUsage"]["completion_tokens"] == result["streamUsage"]["completion_tokens"] == 8
+    assert result["response"] and result["responseStreamed"] == result["response"] == result["stored"]
+    assert result["responseEvents"][0] == "response.created"
+    assert result["responseEvents"][-1] == f"response.{result['responseStatus']}"

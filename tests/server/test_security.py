@@ -60,8 +60,9 @@ def test_the_api_key_never_appears_in_the_logs_even_at_debug(tiny_checkpoint):
             assert http.post("/v1/chat/completions", json=body).status_code == 200
             assert http.post("/v1/chat/completions", json={**body, "stream": True}).status_code == 200
             assert http.post("/v1/chat/completions", json={**body, "temperature": 9}).status_code == 400
-        for headers in ({"Authorization": f"Bearer {wrong}"}, {"Authorization": wrong}, {"X-Api-Key": key}):
+        for headers in ({"Authorization": f"Bearer {wrong}"}, {"Authorization": wrong}, {"X-Api-Key": wrong}):
             assert httpx.get(f"{base}/v1/models", headers=headers).status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers={"X-Api-Key": key}).status_code == 200  # Anthropic's header
         os.kill(proc.pid, signal.SIGTERM)
         output = proc.communicate(timeout=60)[0].decode()
     finally:

@@ -10,5 +10,6 @@ from gptserve.server.protocol.base import *  # noqa: F401,F403
 from gptserve.server.protocol.chat import *  # noqa: F401,F403
 from gptserve.server.protocol.completions import *  # noqa: F401,F403
 from gptserve.server.protocol.embeddings import *  # noqa: F401,F403
+from gptserve.server.protocol.responses import *  # noqa: F401,F403
 from gptserve.server.protocol.structured import *  # noqa: F401,F403
 from gptserve.server.protocol.tokenize import *  # noqa: F401,F403

@@ -26,6 +26,17 @@ def invalid(message: str, param: str | None = None) -> PydanticCustomError:
     return PydanticCustomError(INVALID, "{message}", {"message": message, "param": param})
 
 
+def refuse_non_text(parts: list, what: str, hint: str) -> None:
+    """Each of `parts` (content parts, blocks: `what`) must be an object whose type is
+    "text"; any other type is refused by name, with `hint` saying what to send."""
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind is None:
+            raise invalid(f"{what} {i} must be an object with a 'type'")
+        if kind != "text":
+            raise unsupported(f"{what} type '{kind}'", f"this server serves a text-only model; {hint}")
+
+
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_serializer, model_validator
 
 from gptserve.server.protocol.base import (OpenAIModel, OpenAIRequest, SamplingRequest, TopLogprob, Usage,
-                                           documented, invalid, nullable, now, unsupported)
+                                           documented, invalid, nullable, now, refuse_non_text, unsupported)
 from gptserve.server.protocol.structured import (FunctionCall, FunctionCallDelta, FunctionDefinition, NamedFunction, NamedToolChoice,
                                                  ResponseFormat, StructuredOutputs, Tool, ToolCall,
                                                  ToolCallDelta, ToolCallInMessage, ToolChoice, tool_names_unique)
@@ -38,13 +38,8 @@ class ChatMessage(OpenAIRequest):
             return content
         if not isinstance(content, list):
             raise invalid("content must be a string or a list of content parts")
+        refuse_non_text(content, "content part", "send {\"type\": \"text\", \"text\": ...}")
         for i, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind is None:
-                raise invalid(f"content part {i} must be an object with a 'type'")
-            if kind != "text":
-                raise unsupported(f"content part type '{kind}'",
-                                  "this server serves text-only models; send {\"type\": \"text\", \"text\": ...}")
             if not isinstance(part.get("text"), str):
                 raise invalid(f"content part {i} of type 'text' needs a string 'text'")
         return content

@@ -14,7 +14,7 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingRequest):
     prompt: PromptInput | None = None  # None: "<|endoftext|>", a new document
-    max_tokens: int | None = documented(16, minimum=1)
+    max_tokens: int | None = documented(16, minimum=0)  # 0, with echo and logprobs: score the prompt only
     echo: bool | None = False
     logprobs: int | None = documented(minimum=0)  # the chosen token's logprob and this many alternatives (at most --max-top-logprobs)
     suffix: str | None = None  # refused: no insertion
@@ -45,6 +45,13 @@ class CompletionRequest(SamplingRequest):
         if suffix:
             raise unsupported("'suffix'", "insertion is not supported")
         return suffix
+
+    @model_validator(mode="after")
+    def _nothing_to_generate_scores_the_prompt(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.wants_prompt_logprobs():
+            raise invalid("max_tokens 0 generates nothing: it scores the prompt, with echo true and logprobs set",
+                          "max_tokens")
+        return self
 
     @model_validator(mode="after")
     def _best_of_is_n(self) -> "CompletionRequest":
