@@ -35,12 +35,16 @@ ROOT = BENCH.parent
 CACHE = ROOT / ".cache"  # built and generated files, not committed (.gitignore)
 sys.path.insert(0, str(BENCH))
 
-PEER_TITLES = {"gptserve": "gptserve", "llamacpp": "llama.cpp", "hf": "naive HF"}
+PEER_TITLES = {"gptserve": "gptserve", "gptserve-bf16": "gptserve bfloat16 weights",
+               "gptserve-int8": "gptserve int8 weights", "llamacpp": "llama.cpp", "hf": "naive HF"}
+# gptserve's peers by precision: float32, and 16- or 8-bit weights with float32 math
+GPTSERVE_PRECISION = {"gptserve": ["--dtype", "float32"], "gptserve-bf16": ["--dtype", "bfloat16"],
+                      "gptserve-int8": ["--quantization", "int8"]}
 
 
 @dataclass
 class Peer:
-    name: str  # gptserve | llamacpp | hf
+    name: str  # gptserve (-bf16, -int8) | llamacpp | hf
     impl: str  # what actually runs, e.g. "llama-server" or "llama-cpp-python"
     command: list[str]
     port: int
@@ -100,10 +104,11 @@ def peers(args: argparse.Namespace, checkpoint: Path, gguf: Path | None) -> list
     for name in args.peers:
         port = free_port()
         host = ["--host", "127.0.0.1", "--port", str(port)]
-        if name == "gptserve":
-            cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint), "--dtype", "float32",
-                   "--device", "cpu", "--max-num-seqs", str(max(64, max(args.concurrency))), *host]
-            out.append(Peer(name, "gptserve", cmd, port, torch_env))
+        if name in GPTSERVE_PRECISION:
+            cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint),
+                   *GPTSERVE_PRECISION[name], "--device", "cpu",
+                   "--max-num-seqs", str(max(64, max(args.concurrency))), *host]
+            out.append(Peer(name, PEER_TITLES[name], cmd, port, torch_env))
         elif name == "hf":
             cmd = [sys.executable, str(BENCH / "hf_server.py"), "--model", str(checkpoint), "--threads", threads, *host]
             out.append(Peer(name, "transformers, one request at a time", cmd, port, torch_env))
@@ -213,7 +218,7 @@ def metric(res: dict, key: str, stat: str | None = None) -> float | None:
 
 def markdown_table(results: dict, levels: list[int]) -> str:
     head = ("| concurrency | server | output tok/s | req/s | TTFT p50 / p99 (ms) | ITL p50 (ms) | "
-            "E2E p99 (ms) | failed | tok/s vs llama.cpp | tok/s vs naive HF |")
+            "E2E p99 (ms) | failed | tok/s vs gptserve float32 | tok/s vs llama.cpp | tok/s vs naive HF |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def fmt(x: float | None, spec: str = ".0f") -> str:
@@ -221,12 +226,12 @@ def markdown_table(results: dict, levels: list[int]) -> str:
 
     for c in levels:
         base = {p: metric(results[p].get(str(c), {"error": 1}), "output_throughput")
-                for p in ("llamacpp", "hf") if p in results}
+                for p in ("gptserve", "llamacpp", "hf") if p in results}
         for name, by_level in results.items():
             res = by_level.get(str(c), {"error": "not run"})
             tput = metric(res, "output_throughput")
             ratios = []
-            for p in ("llamacpp", "hf"):
+            for p in ("gptserve", "llamacpp", "hf"):
                 b = base.get(p)
                 ratios.append(f"{tput / b:.2f}x" if tput and b else "n/a")
             ttft = f"{fmt(metric(res, 'ttft_ms', 'p50'))} / {fmt(metric(res, 'ttft_ms', 'p99'))}"
@@ -234,7 +239,7 @@ def markdown_table(results: dict, levels: list[int]) -> str:
             lines.append(f"| {c} | {PEER_TITLES[name]} | {fmt(tput, '.1f')} | "
                          f"{fmt(metric(res, 'request_throughput'), '.2f')} | {ttft} | "
                          f"{fmt(metric(res, 'itl_ms', 'p50'), '.1f')} | {fmt(metric(res, 'e2el_ms', 'p99'))} | "
-                         f"{failed} | {ratios[0]} | {ratios[1]} |")
+                         f"{failed} | {' | '.join(ratios)} |")
     return "\n".join(lines)
 
 

@@ -3,8 +3,9 @@
 The same N requests (prompt and output lengths drawn with a fixed seed, ignore_eos so
 lengths are fixed) run through gptserve's LLMEngine and through transformers' batched,
 left-padded generate, on the same random-weight GPT-2, in one run. Also: decode
-milliseconds per step at batch 1 against the memory-bandwidth floor (weight bytes /
-measured copy bandwidth).
+milliseconds per step at batch 1 against the memory-bandwidth floor, for each precision
+(float32; bfloat16 and int8 weights): the bytes of the weights a step reads, as they are
+held, over the machine's measured read bandwidth (a read-only pass, not a copy).
 
     python bench/offline.py --num-requests 64 --json bench/results/offline.json
 """
@@ -88,26 +89,39 @@ def run_transformers(path: Path, prompts, outputs, args) -> dict:
     return {"seconds": elapsed, "output_tokens": useful, "tokens_per_s": useful / elapsed}
 
 
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of a large tensor copy (read + write counted once each)."""
+def read_bandwidth(nbytes: int = 1024 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of reading a large tensor once (a sum over it: no writes), with torch's threads."""
     src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+    src.sum()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        dst.copy_(src)
+        src.sum()
         best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+    return nbytes / best
 
 
-def decode_floor(path: Path, args) -> dict:
+def streamed_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a decode step reads: every linear layer and the LM head, as held."""
+    from gptserve.model.compact_linear import CompactLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, CompactLinear):
+            total += sum(t.numel() * t.element_size() for t in (m.weight, m.scale, m.bias) if t is not None)
+        elif hasattr(m, "in_features") and hasattr(m, "out_features"):  # nn.Linear or oneDNN-packed
+            total += (m.in_features + 1) * m.out_features * 4
+    return total
+
+
+def decode_floor(path: Path, args, dtype: str, quantization: str | None, bandwidth: float) -> dict:
     """Batch-1 decode ms/step vs the time to stream the weights once from memory."""
     from gptserve.config import EngineConfig
     from gptserve.engine.llm_engine import LLMEngine
     from gptserve.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(str(path), EngineConfig(device="cpu", dtype="float32", kv_cache_memory=2**30))
+    engine = LLMEngine(str(path), EngineConfig(device="cpu", dtype=dtype, quantization=quantization,
+                                               kv_cache_memory=2**30))
     prompt = list(range(100, 164))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     n = args.decode_steps
@@ -117,12 +131,14 @@ def decode_floor(path: Path, args) -> dict:
     while engine.has_unfinished():
         engine.step()
     per_step = (time.perf_counter() - start) / n
-    # from the config: packed layers (gptserve.model.packed_linear) are not parameters
-    weight_bytes = engine.model_config.num_parameters() * torch.empty((), dtype=engine.dtype).element_size()
-    bw = copy_bandwidth()
-    floor = weight_bytes / bw
-    return {"ms_per_step": per_step * 1e3, "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bw / 1e9,
-            "floor_ms": floor * 1e3, "ratio_to_floor": per_step / floor}
+    weight_bytes = streamed_weight_bytes(engine.model)
+    floor = weight_bytes / bandwidth
+    return {"precision": str(engine.precision), "ms_per_step": per_step * 1e3, "weight_bytes": weight_bytes,
+            "read_bandwidth_GBps": bandwidth / 1e9, "floor_ms": floor * 1e3, "ratio_to_floor": per_step / floor}
+
+
+PRECISIONS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "float16": ("float16", None),
+              "int8": ("float32", "int8")}
 
 
 def main() -> None:
@@ -138,6 +154,9 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the batch-1 decode floors")
+    ap.add_argument("--precisions", default="float32,bfloat16,int8",
+                    help=f"batch-1 decode floors to measure, of {','.join(PRECISIONS)}")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -147,20 +166,25 @@ def main() -> None:
         path = make_checkpoint(args.shape, Path(tmp))
         result = {"shape": args.shape, "num_requests": args.num_requests, "threads": torch.get_num_threads(),
                   "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(outputs)}
-        result["gptserve"] = run_ours(path, prompts, outputs, args)
-        print(f"gptserve:     {result['gptserve']['tokens_per_s']:8.1f} output tokens/s "
-              f"({result['gptserve']['seconds']:.1f} s)", flush=True)
-        if not args.skip_hf:
+        if not args.skip_throughput:
+            result["gptserve"] = run_ours(path, prompts, outputs, args)
+            print(f"gptserve:     {result['gptserve']['tokens_per_s']:8.1f} output tokens/s "
+                  f"({result['gptserve']['seconds']:.1f} s)", flush=True)
+        if not args.skip_hf and not args.skip_throughput:
             result["transformers"] = run_transformers(path, prompts, outputs, args)
             ratio = result["gptserve"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
             result["throughput_ratio"] = ratio
             print(f"transformers: {result['transformers']['tokens_per_s']:8.1f} output tokens/s "
                   f"({result['transformers']['seconds']:.1f} s, batch {args.hf_batch_size})")
             print(f"ratio:        {ratio:.2f}x")
-        result["decode"] = d = decode_floor(path, args)
-        print(f"batch-1 decode: {d['ms_per_step']:.2f} ms/step; floor {d['floor_ms']:.2f} ms "
-              f"({d['weight_bytes'] / 2**20:.0f} MiB at {d['copy_bandwidth_GBps']:.1f} GB/s); "
-              f"{d['ratio_to_floor']:.2f}x the floor")
+        bandwidth = read_bandwidth()
+        result["decode"] = []
+        for name in args.precisions.split(","):
+            d = decode_floor(path, args, *PRECISIONS[name], bandwidth)
+            result["decode"].append(d)
+            print(f"batch-1 decode, {d['precision']}: {d['ms_per_step']:.2f} ms/step; floor {d['floor_ms']:.2f} ms "
+                  f"({d['weight_bytes'] / 2**20:.0f} MiB at {d['read_bandwidth_GBps']:.1f} GB/s read); "
+                  f"{d['ratio_to_floor']:.2f}x the floor", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -19,7 +19,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "distilgpt2; default: the bundled model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto: "
-                                                 "float32 on the CPU, bfloat16/float16 on a GPU)")
+                                                 "float32 on the CPU, bfloat16/float16 on a GPU); on the CPU "
+                                                 "a 16-bit dtype holds the weights in 16 bits, math in float32")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="int8: weights quantized at load, one scale per output channel (CPU; math in float32)")
 
 
 def _serving_engine_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +45,7 @@ def _serving_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     from gptserve.engine.placement import parse_bytes
 
-    cfg = EngineConfig(device=args.device, dtype=args.dtype)
+    cfg = EngineConfig(device=args.device, dtype=args.dtype, quantization=args.quantization)
     if hasattr(args, "max_num_seqs"):
         cfg.kv_cache_memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
         cfg.gpu_memory_utilization = args.gpu_memory_utilization
@@ -82,12 +85,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from gptserve.engine.placement import resolve_device, resolve_dtype
+    from gptserve.engine.placement import resolve_device, resolve_precision
     from gptserve.weights.loader import read_config, resolve_model_path
 
     path = resolve_model_path(args.model)
     cfg = read_config(path)
-    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    precision = resolve_precision(args.dtype, args.quantization, resolve_device(args.device))
+    dtype = precision.compute
     n = cfg.num_parameters()
     estimate = 12 * cfg.n_embd**2 * cfg.n_layer
     size = torch.empty((), dtype=dtype).element_size()
@@ -98,7 +102,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters:       {n:,} ({n / 1e6:.1f}M)")
     print(f"12*d^2*L:         {estimate:,} ({estimate / 1e6:.1f}M; blocks only, without embeddings)")
     print(f"embeddings:       {(cfg.vocab_size + cfg.n_positions) * cfg.n_embd:,}")
-    print(f"weights memory:   {n * size / 2**20:.1f} MiB in {str(dtype).removeprefix('torch.')}")
+    print(f"precision:        {precision}" + (" (auto)" if args.dtype == "auto" and not args.quantization else ""))
+    print(f"weights memory:   {n * size / 2**20:.1f} MiB in {str(dtype).removeprefix('torch.')}"
+          + ("" if precision.weights == str(dtype).removeprefix("torch.") else
+             f" as loaded; the linear layers and LM head then in {precision.weights}"))
     print(f"KV cache/token:   {kv_per_token / 1024:.1f} KiB; a full context: "
           f"{kv_per_token * cfg.n_positions / 2**20:.1f} MiB")
     return 0

@@ -92,6 +92,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str | None = None  # "int8": weight-only, per output channel (CPU)
     seed: int = 0
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     enforce_eager: bool = False

@@ -59,7 +59,7 @@ class AsyncEngine:
             raise self._build_error
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
-        self.dtype = str(self.engine.dtype).removeprefix("torch.")
+        self.dtype = str(self.engine.precision)
         self.limits = self.engine.limits
         self._stats = self.engine.stats()
 

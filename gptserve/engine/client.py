@@ -20,7 +20,7 @@ class EngineClient(Protocol):
     model_name: str
     tokenizer: Tokenizer
     model_config: ModelConfig
-    dtype: str  # of the weights and the KV cache, e.g. "float32"
+    dtype: str  # of the weights and the KV cache, e.g. "float32" or "int8 weights, float32 compute"
     limits: EngineLimits
 
     @property

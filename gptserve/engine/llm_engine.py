@@ -18,7 +18,7 @@ from gptserve.engine.grammar import GrammarCompiler, GrammarError
 from gptserve.engine.limits import EngineLimits
 from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.outputs import ChoiceDelta, EngineStats, FinishReason, Inspection, RequestOutput
-from gptserve.engine.placement import kv_cache_bytes, resolve_device, resolve_dtype
+from gptserve.engine.placement import kv_cache_bytes, resolve_device, resolve_precision
 from gptserve.engine.sampler import Sampler
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.scheduler import Scheduler
@@ -26,6 +26,7 @@ from gptserve.engine.sequence import Sequence
 from gptserve.model.attention import KVPool
 from gptserve.model.cpu_kernels import paged_decode
 from gptserve.model.gpt2 import GPT2
+from gptserve.model.compact_linear import WEIGHT_FORMATS, compact_for_cpu
 from gptserve.model.packed_linear import pack_for_cpu
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.weights.loader import load_model, resolve_model_path
@@ -48,7 +49,8 @@ class LLMEngine:
                  loaded: tuple[GPT2, Tokenizer] | None = None):
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.precision = resolve_precision(config.dtype, config.quantization, self.device)
+        self.dtype = self.precision.compute
         if loaded is None:
             path = resolve_model_path(model)
             self.tokenizer = Tokenizer.from_folder(path)
@@ -74,14 +76,18 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, sampler, max_model_len, graph_sizes)
         if self.device.type == "cpu" and self.dtype == torch.float32:
             paged_decode()  # build (or load the cached build of) the CPU kernel now, not mid-request
-        self.packed = pack_for_cpu(self.model)  # oneDNN-packed linear layers (CPU float32)
+        if self.device.type == "cpu" and self.precision.weights in WEIGHT_FORMATS:
+            compact_for_cpu(self.model, self.precision.weights)  # 16- or 8-bit weights, float32 math
+            self.packed = False
+        else:
+            self.packed = pack_for_cpu(self.model)  # oneDNN-packed linear layers (CPU float32)
         self.requests: dict[str, Request] = {}
         self._grammars: GrammarCompiler | None = None  # built at the first constrained request
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.sequences_finished: dict[str, int] = {}  # by finish reason
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
-                 model or "default model", self.device, str(self.dtype).removeprefix("torch."),
+                 model or "default model", self.device, self.precision,
                  ", oneDNN-packed linear layers" if self.packed else "",
                  num_blocks, config.block_size, num_blocks * per_block / 2**20, max_model_len)
 

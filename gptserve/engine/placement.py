@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +49,40 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise PlacementError(f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16")
     return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model computes and holds its weights. `compute`: activations, layer norms,
+    attention and the KV cache; `weights`: the linear layers and the LM head."""
+
+    compute: torch.dtype
+    weights: str  # "float32", "bfloat16", "float16" or "int8"
+
+    def __str__(self) -> str:
+        name = str(self.compute).removeprefix("torch.")
+        return name if self.weights == name else f"{self.weights} weights, {name} compute"
+
+
+def resolve_precision(dtype: str, quantization: str | None, device: torch.device) -> Precision:
+    """On the CPU, 16-bit dtypes and int8 quantization change only how the linear layers
+    hold their weights (model/compact_linear.py): the math stays float32, which CPUs
+    without 16-bit dot products do fastest. `auto` on the CPU is float32: 16-bit and int8
+    weights decode faster at one to four sequences but slower from five (BENCHMARKS.md).
+    Elsewhere the whole model runs in the dtype, and quantization is not offered."""
+    if quantization not in (None, "int8"):
+        raise PlacementError(f"unknown quantization {quantization!r}: use int8")
+    compute = resolve_dtype(dtype, device)
+    if device.type != "cpu":
+        if quantization is not None:
+            raise PlacementError(f"--quantization {quantization} runs on the CPU only")
+        return Precision(compute, str(compute).removeprefix("torch."))
+    if quantization == "int8":
+        if compute != torch.float32:
+            raise PlacementError("--quantization int8 holds int8 weights and computes in float32; "
+                                 f"drop --dtype {dtype}")
+        return Precision(torch.float32, "int8")
+    return Precision(torch.float32, str(compute).removeprefix("torch."))
 
 
 def parse_bytes(text: str) -> int:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gptserve.engine.outputs import FinishReason, PromptTooLongError
 from gptserve.engine.sampling_params import SamplingParams
+from gptserve.model.compact_linear import CompactLinear
 from gptserve.weights.loader import load_model
 from tests.engine.conftest import assert_same_greedy, random_prompts, run_collect
 
@@ -48,6 +50,24 @@ def test_the_engine_packs_its_cpu_model_and_still_matches_the_plain_model(make_e
     outs = run_collect(engine, prompts, SamplingParams(max_tokens=20, **GREEDY))
     for prompt, (tokens, logprobs) in zip(prompts, outs):
         assert_same_greedy(tokens, prompt, plain, logprobs)
+
+
+@pytest.mark.parametrize("dtype, quantization", [("bfloat16", None), ("float16", None), ("auto", "int8")])
+def test_compact_cpu_weights_in_a_batch_match_running_alone(make_engine, dtype, quantization):
+    """16- and 8-bit weights: decode batches of up to four rows take the compiled kernel, larger
+    ones and prefill the widened matmul; each request still gets its tokens alone."""
+    engine = make_engine(dtype=dtype, quantization=quantization)
+    fmt = quantization or dtype
+    assert str(engine.precision) == f"{fmt} weights, float32 compute" and engine.pool.kv.dtype == torch.float32
+    assert isinstance(engine.model.lm_head, CompactLinear) and engine.model.lm_head.fmt == fmt
+    prompts = random_prompts(7, 3, 90, seed=5)
+    arrivals: dict[int, list] = {}
+    for i, p in enumerate(prompts):  # 1 to 7 running at once, through both paths
+        arrivals.setdefault(i * 4, []).append((f"r{i}", p, SamplingParams(max_tokens=12, **GREEDY)))
+    tokens, logprobs = run_all(engine, arrivals)
+    for i, p in enumerate(prompts):
+        assert len(tokens[f"r{i}"]) == 12
+        assert_same_greedy(tokens[f"r{i}"], p, engine.model, logprobs[f"r{i}"])
 
 
 def test_staggered_arrivals_match_running_alone(make_engine):

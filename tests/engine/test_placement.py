@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptserve.engine.placement import (PlacementError, kv_cache_bytes, parse_bytes, resolve_device,
-                                       resolve_dtype)
+from gptserve.engine.placement import (Precision, PlacementError, kv_cache_bytes, parse_bytes, resolve_device,
+                                       resolve_dtype, resolve_precision)
 
 
 def test_auto_is_float32_on_the_cpu_and_names_are_understood():
@@ -15,6 +15,21 @@ def test_auto_is_float32_on_the_cpu_and_names_are_understood():
     assert resolve_dtype("fp16", cpu) is torch.float16
     with pytest.raises(PlacementError, match="unknown dtype 'int8'"):
         resolve_dtype("int8", cpu)
+
+
+def test_on_the_cpu_16_bit_dtypes_and_int8_change_only_how_weights_are_held():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", None, cpu) == Precision(torch.float32, "float32")
+    assert resolve_precision("bfloat16", None, cpu) == Precision(torch.float32, "bfloat16")
+    assert resolve_precision("fp16", None, cpu) == Precision(torch.float32, "float16")
+    assert resolve_precision("auto", "int8", cpu) == Precision(torch.float32, "int8")
+    assert str(resolve_precision("float32", "int8", cpu)) == "int8 weights, float32 compute"
+    with pytest.raises(PlacementError, match="drop --dtype bfloat16"):
+        resolve_precision("bfloat16", "int8", cpu)
+    with pytest.raises(PlacementError, match="unknown quantization 'int4'"):
+        resolve_precision("auto", "int4", cpu)
+    with pytest.raises(PlacementError, match="CPU only"):
+        resolve_precision("float16", "int8", torch.device("meta"))
 
 
 def test_devices_are_checked_before_use():
