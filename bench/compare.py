@@ -1,17 +1,23 @@
-"""Serving comparison: gptserve vs llama.cpp's server vs a naive transformers server.
+"""Serving comparison: gptserve vs llama.cpp's server vs a naive transformers server, at
+each precision.
 
 One run reproduces it all: makes a random-weight GPT-2 small checkpoint (seed 0,
-float32) and its GGUF F32 twin (llama.cpp's own converter), then for each server:
-starts it on 127.0.0.1, waits until it answers, runs bench/serve.py at each concurrency
-(same synthetic workload, ignore_eos, streamed /v1/completions), stops it. Writes
-`serving.json`, `throughput.png`, `p99_latency.png` and `serving.md` (the table, with
-ratios vs llama.cpp and vs the naive baseline) to --out.
+float32) and its GGUF twins in F32, BF16 and Q8_0 (llama.cpp's own converter and
+quantizer), then for each server: starts it on 127.0.0.1, waits until it answers, times
+prompt processing (a 512-token prompt, alone) and runs bench/serve.py at each concurrency
+(same synthetic workload, ignore_eos, streamed /v1/completions), stops it. gptserve runs
+in float32, with bfloat16 weights and with int8 weights (float32 math); llama-server is
+started per level as its users would start it: one slot per client (`-np`), a context
+that fits them, the same threads. Writes `serving.json`, `throughput.png`,
+`p99_latency.png` and `serving.md` (the tables, gptserve against llama.cpp at the same
+precision, and every server's exact command) to --out.
 
 Build the llama.cpp peer first (minutes): bench/build_llamacpp.sh (into .cache/llamacpp,
 where --llamacpp-dir looks by default). From the repository root:
 
-    python bench/compare.py               # full: concurrency 1, 4, 16, 64 -> bench/results/
-    python bench/compare.py --quick       # smoke: tiny workload, concurrency 1 and 4
+    python bench/compare.py               # concurrency 1, 4, 16, 64 -> bench/results/
+    python bench/compare.py --quick       # the same table with fewer, shorter requests
+    python bench/compare.py --peers gptserve,gptserve-bf16,gptserve-int8   # gptserve alone
 """
 from __future__ import annotations
 
@@ -36,7 +42,12 @@ CACHE = ROOT / ".cache"  # built and generated files, not committed (.gitignore)
 sys.path.insert(0, str(BENCH))
 
 PEER_TITLES = {"gptserve": "gptserve", "gptserve-bf16": "gptserve bfloat16 weights",
-               "gptserve-int8": "gptserve int8 weights", "llamacpp": "llama.cpp", "hf": "naive HF"}
+               "gptserve-int8": "gptserve int8 weights", "llamacpp": "llama.cpp", "llamacpp-bf16": "llama.cpp BF16",
+               "llamacpp-q8": "llama.cpp Q8_0", "hf": "naive HF"}
+# llama.cpp's peers by precision: the GGUF type its converter writes
+LLAMACPP_OUTTYPE = {"llamacpp": "f32", "llamacpp-bf16": "bf16", "llamacpp-q8": "q8_0"}
+SAME_PRECISION = {"gptserve": "llamacpp", "gptserve-bf16": "llamacpp-bf16", "gptserve-int8": "llamacpp-q8"}
+SLOT_TOKENS = 1024  # llama-server's context per slot: the longest prompt (512, prefill test) and output fit
 # gptserve's peers by precision: float32, and 16- or 8-bit weights with float32 math
 GPTSERVE_PRECISION = {"gptserve": ["--dtype", "float32"], "gptserve-bf16": ["--dtype", "bfloat16"],
                       "gptserve-int8": ["--quantization", "int8"]}
@@ -71,13 +82,14 @@ def make_checkpoint(work: Path) -> Path:
     return folder
 
 
-def make_gguf(checkpoint: Path, llamacpp_src: Path, work: Path) -> Path:
-    """GGUF F32 through llama.cpp's own convert_hf_to_gguf.py (its vendored gguf-py)."""
-    gguf = work / "gpt2-random-f32.gguf"
+def make_gguf(checkpoint: Path, llamacpp_src: Path, work: Path, outtype: str = "f32") -> Path:
+    """GGUF in `outtype` (f32, bf16, q8_0) through llama.cpp's own convert_hf_to_gguf.py (its
+    vendored gguf-py), which quantizes to Q8_0 itself."""
+    gguf = work / f"gpt2-random-{outtype}.gguf"
     if not gguf.exists() or gguf.stat().st_mtime < (checkpoint / "model.safetensors").stat().st_mtime:
         convert = llamacpp_src / "convert_hf_to_gguf.py"
-        run([sys.executable, str(convert), str(checkpoint), "--outtype", "f32", "--outfile", str(gguf)],
-            work / "convert.log")
+        run([sys.executable, str(convert), str(checkpoint), "--outtype", outtype, "--outfile", str(gguf)],
+            work / f"convert-{outtype}.log")
     return gguf
 
 
@@ -96,41 +108,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def peers(args: argparse.Namespace, checkpoint: Path, gguf: Path | None) -> list[Peer]:
+def make_peer(args: argparse.Namespace, name: str, checkpoint: Path, ggufs: dict[str, Path],
+              concurrency: int) -> Peer:
+    """The server `name` set up as its users would for `concurrency` clients: llama-server
+    with one slot per client and a context that fits them (so one server per level); the
+    others batch on their own (one server for every level)."""
     threads = str(args.threads)
     # torch's pools and llama.cpp's -t get the same core count
     torch_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    out = []
-    for name in args.peers:
-        port = free_port()
-        host = ["--host", "127.0.0.1", "--port", str(port)]
-        if name in GPTSERVE_PRECISION:
-            cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint),
-                   *GPTSERVE_PRECISION[name], "--device", "cpu",
-                   "--max-num-seqs", str(max(64, max(args.concurrency))), *host]
-            out.append(Peer(name, PEER_TITLES[name], cmd, port, torch_env))
-        elif name == "hf":
-            cmd = [sys.executable, str(BENCH / "hf_server.py"), "--model", str(checkpoint), "--threads", threads, *host]
-            out.append(Peer(name, "transformers, one request at a time", cmd, port, torch_env))
-        elif name == "llamacpp":
-            binary = args.llamacpp_dir / "build" / "bin" / "llama-server"
-            slots = max(args.concurrency)
-            if binary.exists() and not args.llama_cpp_python:
-                # one slot per client, one unified KV pool (f32, as our dtype) shared by all slots
-                cmd = [str(binary), "-m", str(gguf), *host, "-t", threads, "-tb", threads,
-                       "-np", str(slots), "-kvu", "-c", str(args.llama_ctx), "-cb",
-                       "-ctk", "f32", "-ctv", "f32", "--no-webui", "-a", "gpt2-random", *args.llama_args.split()]
-                out.append(Peer(name, f"llama-server, {slots} slots", cmd, port))
-            else:
-                # llama-cpp-python's server runs one request at a time; by default a waiting
-                # request cuts the running stream short, hence --interrupt_requests False
-                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), *host, "--n_ctx", "1024",
-                       "--n_threads", threads, "--n_threads_batch", threads, "--model_alias", "gpt2-random",
-                       "--interrupt_requests", "False"]
-                out.append(Peer(name, "llama-cpp-python server, serialised", cmd, port))
-        else:
-            raise SystemExit(f"unknown peer {name!r}")
-    return out
+    port = free_port()
+    host = ["--host", "127.0.0.1", "--port", str(port)]
+    if name in GPTSERVE_PRECISION:
+        cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint),
+               *GPTSERVE_PRECISION[name], "--device", "cpu",
+               "--max-num-seqs", str(max(64, max(args.concurrency))), *host]
+        return Peer(name, PEER_TITLES[name], cmd, port, torch_env)
+    if name == "hf":
+        cmd = [sys.executable, str(BENCH / "hf_server.py"), "--model", str(checkpoint), "--threads", threads, *host]
+        return Peer(name, "transformers, one request at a time", cmd, port, torch_env)
+    if name in LLAMACPP_OUTTYPE:
+        gguf = ggufs[name]
+        binary = args.llamacpp_dir / "build" / "bin" / "llama-server"
+        if binary.exists() and not args.llama_cpp_python:
+            # one slot per client, each with SLOT_TOKENS of context; K/V in f32 as ours
+            cmd = [str(binary), "-m", str(gguf), *host, "-t", threads, "-tb", threads,
+                   "-np", str(concurrency), "-c", str(concurrency * SLOT_TOKENS), "-cb",
+                   "-ctk", "f32", "-ctv", "f32", "--no-webui", "-a", "gpt2-random", *args.llama_args.split()]
+            return Peer(name, f"llama-server, {concurrency} slots", cmd, port)
+        # llama-cpp-python's server runs one request at a time; by default a waiting
+        # request cuts the running stream short, hence --interrupt_requests False
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), *host, "--n_ctx", "1024",
+               "--n_threads", threads, "--n_threads_batch", threads, "--model_alias", "gpt2-random",
+               "--interrupt_requests", "False"]
+        return Peer(name, "llama-cpp-python server, serialised", cmd, port)
+    raise SystemExit(f"unknown peer {name!r}")
+
+
+def server_levels(name: str, levels: list[int]) -> list[list[int]]:
+    """The levels each server of `name` runs: llama-server is started per level."""
+    return [[c] for c in levels] if name in LLAMACPP_OUTTYPE else [levels]
 
 
 class Server:
@@ -181,24 +197,32 @@ class Server:
 
 # ---------------------------------------------------------------- one level
 
+PREFILL_LEN = 512  # prompt tokens of the prompt-processing test
+
 def num_requests(args: argparse.Namespace, concurrency: int) -> int:
     """At least `--waves` requests per client, and at least --min-requests."""
     return max(args.min_requests, args.waves * concurrency)
 
 
-def bench_level(args: argparse.Namespace, peer: Peer, concurrency: int, raw: Path) -> dict:
-    result = raw / f"{peer.name}_c{concurrency}.json"
+def bench_level(args: argparse.Namespace, peer: Peer, concurrency: int, raw: Path,
+                prefill: bool = False) -> dict:
+    """serve.py at one level; `prefill`: instead, prompt processing (PREFILL_LEN-token prompts,
+    4 output tokens, alone), whose TTFT is the prefill time."""
+    result = raw / f"{peer.name}_{'prefill' if prefill else f'c{concurrency}'}.json"
+    input_len, output_len, ratio = (PREFILL_LEN, 4, 0.0) if prefill else (args.input_len, args.output_len,
+                                                                           args.range_ratio)
     cmd = [sys.executable, str(BENCH / "serve.py"), "--base-url", f"http://127.0.0.1:{peer.port}",
            "--endpoint", "completions", "--concurrency", str(concurrency),
-           "--num-requests", str(num_requests(args, concurrency)), "--input-len", str(args.input_len),
-           "--output-len", str(args.output_len), "--range-ratio", str(args.range_ratio),
+           "--num-requests", str(4 if prefill else num_requests(args, concurrency)), "--input-len", str(input_len),
+           "--output-len", str(output_len), "--range-ratio", str(ratio),
            "--prompt-format", args.prompt_format, "--seed", str(args.seed), "--warmup", "1",
            "--max-duration", str(args.max_duration), "--result-file", str(result), "--label", peer.name]
     if peer.impl.startswith("llama-cpp-python"):
         cmd.append("--eos-logit-bias")  # it has no ignore_eos
     load = os.getloadavg()[0]
-    print(f"\n## {PEER_TITLES[peer.name]} ({peer.impl}), concurrency {concurrency}, "
-          f"{num_requests(args, concurrency)} requests, load average {load:.2f}", flush=True)
+    what = f"prompt processing, {PREFILL_LEN}-token prompts" if prefill else (
+        f"concurrency {concurrency}, {num_requests(args, concurrency)} requests")
+    print(f"\n## {PEER_TITLES[peer.name]} ({peer.impl}), {what}, load average {load:.2f}", flush=True)
     done = subprocess.run(cmd, timeout=args.max_duration + 300)
     if done.returncode != 0:
         return {"error": f"serve.py exited {done.returncode}", "load_average_before": load}
@@ -217,29 +241,61 @@ def metric(res: dict, key: str, stat: str | None = None) -> float | None:
 
 
 def markdown_table(results: dict, levels: list[int]) -> str:
+    """One row per server and level; gptserve's rows compared with llama.cpp at the same
+    precision (F32 / BF16 / Q8_0 against float32 / bfloat16 / int8 weights)."""
     head = ("| concurrency | server | output tok/s | req/s | TTFT p50 / p99 (ms) | ITL p50 (ms) | "
-            "E2E p99 (ms) | failed | tok/s vs gptserve float32 | tok/s vs llama.cpp | tok/s vs naive HF |")
+            "E2E p99 (ms) | failed | tok/s vs llama.cpp, same precision | TTFT p99 vs llama.cpp | "
+            "tok/s vs gptserve float32 | tok/s vs naive HF |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def fmt(x: float | None, spec: str = ".0f") -> str:
         return "n/a" if x is None else format(x, spec)
 
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a and b else "n/a"
+
     for c in levels:
-        base = {p: metric(results[p].get(str(c), {"error": 1}), "output_throughput")
-                for p in ("gptserve", "llamacpp", "hf") if p in results}
+        def at(name: str, key: str, stat: str | None = None) -> float | None:
+            return metric(results.get(name, {}).get(str(c), {"error": 1}), key, stat)
+
         for name, by_level in results.items():
             res = by_level.get(str(c), {"error": "not run"})
             tput = metric(res, "output_throughput")
-            ratios = []
-            for p in ("gptserve", "llamacpp", "hf"):
-                b = base.get(p)
-                ratios.append(f"{tput / b:.2f}x" if tput and b else "n/a")
+            peer = SAME_PRECISION.get(name)
             ttft = f"{fmt(metric(res, 'ttft_ms', 'p50'))} / {fmt(metric(res, 'ttft_ms', 'p99'))}"
             failed = "n/a" if "error" in res else f"{res['failed'] + res.get('cancelled', 0)}"
             lines.append(f"| {c} | {PEER_TITLES[name]} | {fmt(tput, '.1f')} | "
                          f"{fmt(metric(res, 'request_throughput'), '.2f')} | {ttft} | "
                          f"{fmt(metric(res, 'itl_ms', 'p50'), '.1f')} | {fmt(metric(res, 'e2el_ms', 'p99'))} | "
-                         f"{failed} | {' | '.join(ratios)} |")
+                         f"{failed} | {ratio(tput, at(peer, 'output_throughput')) if peer else 'n/a'} | "
+                         f"{ratio(metric(res, 'ttft_ms', 'p99'), at(peer, 'ttft_ms', 'p99')) if peer else 'n/a'} | "
+                         f"{ratio(tput, at('gptserve', 'output_throughput'))} | "
+                         f"{ratio(tput, at('hf', 'output_throughput'))} |")
+    return "\n".join(lines)
+
+
+def prefill_table(results: dict) -> str:
+    lines = [f"| server | TTFT p50 of a {PREFILL_LEN}-token prompt, alone (ms) | vs llama.cpp, same precision |",
+             "|---|---|---|"]
+    for name, by_level in results.items():
+        res = by_level.get("prefill")
+        if res is None:
+            continue
+        ttft = metric(res, "ttft_ms", "p50")
+        peer = results.get(SAME_PRECISION.get(name, ""), {}).get("prefill")
+        base = metric(peer, "ttft_ms", "p50") if peer else None
+        lines.append(f"| {PEER_TITLES[name]} | {'n/a' if ttft is None else f'{ttft:.0f}'} | "
+                     f"{f'{ttft / base:.2f}x' if ttft and base else 'n/a'} |")
+    return "\n".join(lines)
+
+
+def commands(servers: dict) -> str:
+    """Each server's exact command, per level where it was started per level."""
+    lines = ["Commands:", ""]
+    for name, info in servers.items():
+        for levels, cmd in info["commands"].items():
+            shown = " ".join(Path(part).name if "/" in part else part for part in cmd)
+            lines.append(f"- {PEER_TITLES[name]}, concurrency {levels}: `{shown}`")
     return "\n".join(lines)
 
 
@@ -300,7 +356,7 @@ def plots(results: dict, levels: list[int], out: Path, subtitle: str) -> None:
 
 # ---------------------------------------------------------------- main
 
-def versions(peer_list: list[Peer], args: argparse.Namespace) -> dict:
+def versions(args: argparse.Namespace) -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
     try:
         cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
@@ -322,8 +378,11 @@ def versions(peer_list: list[Peer], args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: 32 in / 16 out tokens, concurrency 1 and 4")
-    p.add_argument("--peers", default="gptserve,llamacpp,hf", type=lambda s: s.split(","))
+    p.add_argument("--quick", action="store_true",
+                   help="every level, fewer and shorter requests: 64 in / 32 out tokens, one request per client")
+    p.add_argument("--skip-prefill", action="store_true", help="no 512-token prompt-processing test")
+    p.add_argument("--peers", default="gptserve,gptserve-bf16,gptserve-int8,llamacpp,llamacpp-bf16,llamacpp-q8,hf",
+                   type=lambda s: s.split(","), help=f"of {','.join(PEER_TITLES)}")
     p.add_argument("--concurrency", default=None, type=lambda s: [int(x) for x in s.split(",")],
                    help="levels (default 1,4,16,64; quick: 1,4)")
     p.add_argument("--input-len", type=int, default=None, help="mean prompt tokens (default 128; quick 32)")
@@ -338,7 +397,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llamacpp-dir", type=Path, default=CACHE / "llamacpp",
                    help="where bench/build_llamacpp.sh built llama.cpp (default .cache/llamacpp)")
     p.add_argument("--llama-cpp-python", action="store_true", help="use llama-cpp-python's server for llama.cpp")
-    p.add_argument("--llama-ctx", type=int, default=32768, help="llama-server's shared KV pool, in tokens")
     p.add_argument("--llama-args", default="", help="extra llama-server flags, e.g. '--poll 0'")
     p.add_argument("--work", type=Path, default=CACHE / "bench",
                    help="checkpoint, GGUF, logs, raw results (default .cache/bench)")
@@ -346,11 +404,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=300)
     args = p.parse_args(argv)
     quick = args.quick
-    args.concurrency = args.concurrency or ([1, 4] if quick else [1, 4, 16, 64])
-    args.input_len = args.input_len or (32 if quick else 128)
-    args.output_len = args.output_len or (16 if quick else 128)
+    args.concurrency = args.concurrency or [1, 4, 16, 64]
+    args.input_len = args.input_len or (64 if quick else 128)
+    args.output_len = args.output_len or (32 if quick else 128)
     args.waves = args.waves or (1 if quick else 2)
-    args.min_requests = args.min_requests or (2 if quick else 8)
+    args.min_requests = args.min_requests or (4 if quick else 8)
     args.out = args.out or (BENCH / "results" / ("quick" if quick else ""))
     return args
 
@@ -368,27 +426,35 @@ def main(argv: list[str] | None = None) -> None:
     raw, logs = args.work / "raw", args.work / "logs"
     raw.mkdir(exist_ok=True)
     checkpoint = make_checkpoint(args.work)
-    gguf = None
-    if "llamacpp" in args.peers:
+    ggufs: dict[str, Path] = {}
+    if any(name in LLAMACPP_OUTTYPE for name in args.peers):
         src = args.llamacpp_dir / "src"
         if not (src / "convert_hf_to_gguf.py").exists():
             raise SystemExit(f"no llama.cpp in {args.llamacpp_dir}: run bench/build_llamacpp.sh first "
                              "(or --peers gptserve,hf)")
-        gguf = make_gguf(checkpoint, src, args.work)
-    peer_list = peers(args, checkpoint, gguf)
+        ggufs = {name: make_gguf(checkpoint, src, args.work, LLAMACPP_OUTTYPE[name])
+                 for name in args.peers if name in LLAMACPP_OUTTYPE}
 
     results: dict[str, dict] = {}
+    servers: dict[str, dict] = {}
     started = time.time()
-    for peer in peer_list:
-        results[peer.name] = {}
-        try:
-            with Server(peer, logs / f"{peer.name}.log") as server:
-                server.wait_ready(args.ready_timeout)
-                for c in args.concurrency:
-                    results[peer.name][str(c)] = bench_level(args, peer, c, raw)
-        except RuntimeError as exc:  # one peer failing doesn't lose the others
-            print(f"!! {peer.name}: {exc}", file=sys.stderr)
-            results[peer.name]["error"] = str(exc)
+    for name in args.peers:
+        results[name], servers[name] = {}, {"commands": {}}
+        for levels in server_levels(name, args.concurrency):
+            peer = make_peer(args, name, checkpoint, ggufs, max(levels))
+            servers[name]["impl"] = peer.impl
+            servers[name]["commands"][",".join(map(str, levels))] = peer.command
+            try:
+                with Server(peer, logs / f"{name}_c{max(levels)}.log") as server:
+                    server.wait_ready(args.ready_timeout)
+                    if 1 in levels and not args.skip_prefill:
+                        results[name]["prefill"] = bench_level(args, peer, 1, raw, prefill=True)
+                    for c in levels:
+                        results[name][str(c)] = bench_level(args, peer, c, raw)
+            except RuntimeError as exc:  # one peer failing doesn't lose the others
+                print(f"!! {name}: {exc}", file=sys.stderr)
+                for c in levels:
+                    results[name].setdefault(str(c), {"error": str(exc)})
 
     workload = (f"GPT-2 small, random weights, float32, {args.threads} threads; prompts {args.input_len}±"
                 f"{args.range_ratio:.0%}, outputs {args.output_len}±{args.range_ratio:.0%} tokens (ignore_eos)")
@@ -397,13 +463,13 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "seconds": time.time() - started,
-        "versions": versions(peer_list, args),
-        "servers": {p.name: {"impl": p.impl, "command": p.command} for p in peer_list},
+        "versions": versions(args),
+        "servers": servers,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
     }
     (args.out / "serving.json").write_text(json.dumps(record, indent=2))
-    table = markdown_table(results, args.concurrency)
+    table = markdown_table(results, args.concurrency) + "\n\n" + prefill_table(results) + "\n\n" + commands(servers)
     (args.out / "serving.md").write_text(f"{workload}\n\n{table}\n")
     plots(results, args.concurrency, args.out, workload + (" [quick smoke run]" if args.quick else ""))
     print(f"\n{workload}{' [quick smoke run]' if args.quick else ''}\n\n{table}\n")

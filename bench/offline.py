@@ -106,9 +106,13 @@ def streamed_weight_bytes(model: torch.nn.Module) -> int:
     from gptserve.model.compact_linear import CompactLinear
 
     total = 0
+    # a compact layer's float32 copy serves only steps of more than a few rows
+    many_rows = {id(m.many_rows) for m in model.modules() if isinstance(m, CompactLinear)}
     for m in model.modules():
         if isinstance(m, CompactLinear):
             total += sum(t.numel() * t.element_size() for t in (m.weight, m.scale, m.bias) if t is not None)
+        elif id(m) in many_rows:
+            continue
         elif hasattr(m, "in_features") and hasattr(m, "out_features"):  # nn.Linear or oneDNN-packed
             total += (m.in_features + 1) * m.out_features * 4
     return total

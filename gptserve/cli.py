@@ -19,8 +19,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "distilgpt2; default: the bundled model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto: "
-                                                 "float32 on the CPU, bfloat16/float16 on a GPU); on the CPU "
-                                                 "a 16-bit dtype holds the weights in 16 bits, math in float32")
+                                                 "bfloat16 weights with float32 math on the CPU, bfloat16/float16 "
+                                                 "on a GPU); on the CPU a 16-bit dtype holds only the weights in "
+                                                 "16 bits")
     p.add_argument("--quantization", default=None, choices=["int8"],
                    help="int8: weights quantized at load, one scale per output channel (CPU; math in float32)")
 

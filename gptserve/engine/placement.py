@@ -67,9 +67,11 @@ class Precision:
 def resolve_precision(dtype: str, quantization: str | None, device: torch.device) -> Precision:
     """On the CPU, 16-bit dtypes and int8 quantization change only how the linear layers
     hold their weights (model/compact_linear.py): the math stays float32, which CPUs
-    without 16-bit dot products do fastest. `auto` on the CPU is float32: 16-bit and int8
-    weights decode faster at one to four sequences but slower from five (BENCHMARKS.md).
-    Elsewhere the whole model runs in the dtype, and quantization is not offered."""
+    without 16-bit dot products do fastest. `auto` on the CPU is bfloat16 weights where
+    the compiled few-rows kernel runs: measured faster than float32 at every concurrency
+    (1.7-1.9x at one to four streams, 1.07-1.13x at 16 and 64; BENCHMARKS.md) and within
+    the tested bfloat16 tolerance; float32 where the kernel can't be had. Elsewhere the
+    whole model runs in the dtype, and quantization is not offered."""
     if quantization not in (None, "int8"):
         raise PlacementError(f"unknown quantization {quantization!r}: use int8")
     compute = resolve_dtype(dtype, device)
@@ -82,6 +84,10 @@ def resolve_precision(dtype: str, quantization: str | None, device: torch.device
             raise PlacementError("--quantization int8 holds int8 weights and computes in float32; "
                                  f"drop --dtype {dtype}")
         return Precision(torch.float32, "int8")
+    if dtype == "auto":
+        from gptserve.model.cpu_kernels import few_rows_linear  # compiled on first use
+
+        return Precision(torch.float32, "bfloat16" if few_rows_linear() is not None else "float32")
     return Precision(torch.float32, str(compute).removeprefix("torch."))
 
 

@@ -11,10 +11,14 @@ CPUs without 16-bit or 8-bit dot-product instructions (AVX2 ones) compute no fas
 those formats, and float32 keeps the error to the rounding of the weights alone.
 
 Up to FEW_ROWS rows the compiled kernel (cpu_kernels.few_rows_linear) widens each weight
-in registers. More rows (prefill, and decode at higher concurrency) are compute-bound:
-the weight is widened to float32 a chunk of output channels at a time and multiplied by
-PyTorch's float32 matmul, so that one request's results do not depend on which path its
-batch took beyond float32 rounding.
+in registers. More rows (prefill, and decode at higher concurrency) are compute-bound, and
+there a CPU without 16-bit or 8-bit dot products gains nothing from small weights: those
+rows go through oneDNN on a float32 copy of the widened weights, packed once
+(packed_linear.py), as fast as the float32 model. The numbers multiplied are the same on
+both paths (the weights as rounded to the format), so a request's results do not depend
+on which path its batch took beyond float32 rounding. The price is memory: the compact
+weights plus a float32 copy, 1.25x (int8) or 1.5x (16-bit) the float32 model's linear
+layers. Where oneDNN is missing, the weight is widened a chunk at a time for each matmul.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from gptserve.model.cpu_kernels import FEW_ROWS, few_rows_linear
+from gptserve.model.packed_linear import PackedLinear, can_pack
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +61,15 @@ class CompactLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self._kernel = few_rows_linear()
+        # many rows: oneDNN on the widened weights (None where it can't be had)
+        packable = can_pack(weight.device, torch.float32)
+        self.many_rows = PackedLinear(self.widened_weight(), self.bias) if packable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= FEW_ROWS and self._kernel is not None:
             return self._kernel(x, self.weight, self.scale, self.bias)
+        if self.many_rows is not None:
+            return self.many_rows(x)
         return self._widened_matmul(x)
 
     def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:

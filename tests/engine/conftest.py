@@ -18,7 +18,8 @@ def make_engine(tiny_checkpoint):
     engines: list[LLMEngine] = []
 
     def make(**overrides) -> LLMEngine:
-        cfg = EngineConfig(**{"kv_cache_memory": 4 * 2**20, **overrides})
+        # float32 unless a test asks: the references are the plain float32 model
+        cfg = EngineConfig(**{"kv_cache_memory": 4 * 2**20, "dtype": "float32", **overrides})
         engine = LLMEngine(str(tiny_checkpoint), cfg)
         engines.append(engine)
         return engine

@@ -19,7 +19,7 @@ def test_auto_is_float32_on_the_cpu_and_names_are_understood():
 
 def test_on_the_cpu_16_bit_dtypes_and_int8_change_only_how_weights_are_held():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", None, cpu) == Precision(torch.float32, "float32")
+    assert resolve_precision("float32", None, cpu) == Precision(torch.float32, "float32")
     assert resolve_precision("bfloat16", None, cpu) == Precision(torch.float32, "bfloat16")
     assert resolve_precision("fp16", None, cpu) == Precision(torch.float32, "float16")
     assert resolve_precision("auto", "int8", cpu) == Precision(torch.float32, "int8")
@@ -30,6 +30,13 @@ def test_on_the_cpu_16_bit_dtypes_and_int8_change_only_how_weights_are_held():
         resolve_precision("auto", "int4", cpu)
     with pytest.raises(PlacementError, match="CPU only"):
         resolve_precision("float16", "int8", torch.device("meta"))
+
+
+def test_auto_on_the_cpu_is_bfloat16_weights_where_the_kernel_runs_else_float32(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", None, cpu) == Precision(torch.float32, "bfloat16")
+    monkeypatch.setattr("gptserve.model.cpu_kernels.few_rows_linear", lambda: None)
+    assert resolve_precision("auto", None, cpu) == Precision(torch.float32, "float32")
 
 
 def test_devices_are_checked_before_use():

@@ -42,6 +42,18 @@ def test_a_compact_layer_computes_the_float32_matmul_of_its_widened_weight(fmt, 
     torch.testing.assert_close(compact(x), widened_matmul(compact, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_without_compiled_kernels_or_onednn_the_weight_is_widened_for_each_matmul(fmt, monkeypatch):
+    monkeypatch.setenv("GPTSERVE_NO_KERNELS", "1")
+    monkeypatch.setattr("gptserve.model.compact_linear.few_rows_linear", lambda: None)
+    layer = nn.Linear(64, 5000)  # more outputs than one widened chunk
+    compact = CompactLinear(layer.weight, layer.bias, fmt)
+    assert compact.many_rows is None and compact._kernel is None
+    for rows in (1, 9):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(compact(x), widened_matmul(compact, x), rtol=1e-5, atol=1e-5)
+
+
 def test_the_kernel_takes_up_to_four_rows():
     assert FEW_ROWS == 4 and few_rows_linear() is not None
     with pytest.raises(RuntimeError, match="1 to 4 rows"):
