@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gptserve.model.cpu_kernels import few_rows_linear
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16}
 CPU_DEFAULT_KV_BYTES = 2 * 1024**3
@@ -84,9 +86,7 @@ def resolve_precision(dtype: str, quantization: str | None, device: torch.device
             raise PlacementError("--quantization int8 holds int8 weights and computes in float32; "
                                  f"drop --dtype {dtype}")
         return Precision(torch.float32, "int8")
-    if dtype == "auto":
-        from gptserve.model.cpu_kernels import few_rows_linear  # compiled on first use
-
+    if dtype == "auto":  # the kernel is compiled (or its cached build loaded) on first use
         return Precision(torch.float32, "bfloat16" if few_rows_linear() is not None else "float32")
     return Precision(torch.float32, str(compute).removeprefix("torch."))
 

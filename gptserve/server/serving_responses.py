@@ -87,10 +87,6 @@ class ServingResponses:
     def _tools(req: ResponsesRequest) -> list[Tool] | None:
         if req.tools is None:
             return None
-        names = [t.name for t in req.tools]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise InvalidRequestError(f"tool names must be unique; '{name}' is given twice", param=f"tools[{i}]")
         return [Tool(type="function", function=FunctionDefinition(
             name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)) for t in req.tools]
 

@@ -56,8 +56,9 @@ def agents_client(server):
     return AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
 
-def test_agents_sdk_runs_a_function_tool(agents_client):
-    calls = []
+def weather_agent(model, **settings) -> tuple["agents.Agent", list[str]]:
+    """An agent that must call its one tool and stops with the tool's answer; the cities it was asked for."""
+    calls: list[str] = []
 
     @agents.function_tool
     def lookup_weather(city: City) -> str:
@@ -66,10 +67,14 @@ def test_agents_sdk_runs_a_function_tool(agents_client):
         return f"sunny in {city}"
 
     agent = agents.Agent(
-        name="weather", instructions="Answer with the weather.", tools=[lookup_weather],
-        model=agents.OpenAIChatCompletionsModel(model="tiny-gpt2", openai_client=agents_client),
-        model_settings=agents.ModelSettings(tool_choice="required", max_tokens=60),
+        name="weather", instructions="Answer with the weather.", tools=[lookup_weather], model=model,
+        model_settings=agents.ModelSettings(tool_choice="required", max_tokens=60, **settings),
         tool_use_behavior="stop_on_first_tool")
+    return agent, calls
+
+
+def test_agents_sdk_runs_a_function_tool(agents_client):
+    agent, calls = weather_agent(agents.OpenAIChatCompletionsModel(model="tiny-gpt2", openai_client=agents_client))
     result = asyncio.run(agents.Runner.run(agent, "What is the weather in Rome?"))
     assert calls and result.final_output == f"sunny in {calls[0]}"
 
@@ -98,19 +103,8 @@ def test_langchain_embeddings_embed_documents_and_queries(server):
 
 
 def test_agents_sdk_default_responses_model_runs_a_function_tool(agents_client):
-    calls = []
-
-    @agents.function_tool
-    def lookup_weather(city: City) -> str:
-        """The weather in a city."""
-        calls.append(city)
-        return f"sunny in {city}"
-
-    agent = agents.Agent(
-        name="weather", instructions="Answer with the weather.", tools=[lookup_weather],
-        model=agents.OpenAIResponsesModel(model="tiny-gpt2", openai_client=agents_client),
-        model_settings=agents.ModelSettings(tool_choice="required", max_tokens=60, parallel_tool_calls=False),
-        tool_use_behavior="stop_on_first_tool")
+    agent, calls = weather_agent(agents.OpenAIResponsesModel(model="tiny-gpt2", openai_client=agents_client),
+                                 parallel_tool_calls=False)
     result = asyncio.run(agents.Runner.run(agent, "What is the weather in Rome?"))
     assert calls and result.final_output == f"sunny in {calls[0]}"
 

@@ -16,7 +16,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.server.protocol.base import OpenAIRequest, invalid, refuse_non_text, unsupported
-from gptserve.server.protocol.structured import NAME_PATTERN
+from gptserve.server.protocol.structured import NAME_PATTERN, check_tool_names_unique
 
 # the block types each role may send
 BLOCK_TYPES = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
@@ -187,10 +187,7 @@ class ConversationRequest(OpenAIRequest):
     def _coherent(self) -> "ConversationRequest":
         if not self.messages:
             raise invalid("messages must contain at least one message", "messages")
-        names = [t.name for t in self.tools or []]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise invalid(f"tool names must be unique; '{name}' is given twice", f"tools[{i}]")
+        check_tool_names_unique([t.name for t in self.tools or []])
         for i, message in enumerate(self.messages):
             previous = self.messages[i - 1].blocks if i else []
             calls = {b.id for b in previous if isinstance(b, ToolUseBlock)}

@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from gptserve.server.protocol.base import (INVALID, UNSUPPORTED, OpenAIModel, OpenAIRequest, documented, invalid,
                                            unsupported)
-from gptserve.server.protocol.structured import NAME_PATTERN
+from gptserve.server.protocol.structured import NAME_PATTERN, check_tool_names_unique
 
 INPUT_ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text")
@@ -187,6 +187,13 @@ class ResponsesRequest(OpenAIRequest):
             except ValidationError as e:
                 raise _item_error(e, i) from None
         return items
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, tools: list[FunctionTool] | None) -> list[FunctionTool] | None:
+        if tools is not None:
+            check_tool_names_unique([t.name for t in tools])
+        return tools
 
     @field_validator("truncation", mode="before")
     @classmethod

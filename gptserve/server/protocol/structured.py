@@ -110,15 +110,21 @@ class ToolCallDelta(OpenAIModel):
     function: FunctionCallDelta
 
 
-def tool_names_unique(tools: list[Tool]) -> list[Tool]:
+def check_tool_names_unique(names: list[str]) -> None:
+    """Tool names, in the order given, must be unique: a 400 naming the second of a pair."""
     seen: set[str] = set()
-    for i, tool in enumerate(tools):
-        if tool.function.name in seen:
-            raise invalid(f"tool names must be unique; '{tool.function.name}' is given twice", f"tools[{i}]")
-        seen.add(tool.function.name)
+    for i, name in enumerate(names):
+        if name in seen:
+            raise invalid(f"tool names must be unique; '{name}' is given twice", f"tools[{i}]")
+        seen.add(name)
+
+
+def tool_names_unique(tools: list[Tool]) -> list[Tool]:
+    check_tool_names_unique([tool.function.name for tool in tools])
     return tools
 
 
 __all__ = ["JsonSchemaFormat", "ResponseFormat", "StructuredOutputs", "FunctionDefinition", "Tool",
            "NamedFunction", "NamedToolChoice", "ToolChoice", "ToolCallInMessage", "FunctionCallInMessage",
-           "FunctionCall", "ToolCall", "FunctionCallDelta", "ToolCallDelta", "tool_names_unique"]
+           "FunctionCall", "ToolCall", "FunctionCallDelta", "ToolCallDelta", "tool_names_unique",
+           "check_tool_names_unique"]
