@@ -42,7 +42,7 @@ from compare import CACHE, ROOT, Peer, Server, free_port, make_checkpoint  # noq
 ENGINE_CATEGORIES = [
     ("idle", re.compile(r"^(Event|Condition)\.wait \(threading\.py")),
     ("LM head", re.compile(r"^GPT2\.logits \(.*gptserve/model/gpt2\.py")),
-    ("model forward", re.compile(r"\(.*gptserve/model/(gpt2|attention|cpu_kernels|packed_linear)\.py")),
+    ("model forward", re.compile(r"\(.*gptserve/model/(gpt2|attention|cpu_kernels|packed_linear|compact_linear)\.py")),
     ("sampler", re.compile(r"\(.*gptserve/engine/sampler\.py")),
     ("input tensors", re.compile(r"\(.*gptserve/engine/(model_runner|cuda_graphs)\.py")),
     ("scheduling, KV blocks", re.compile(r"\(.*gptserve/engine/(scheduler|block_manager)\.py")),
@@ -60,6 +60,11 @@ LOOP_CATEGORIES = [
     ("asyncio", re.compile(r"\(.*asyncio/")),
 ]
 MODEL_MATH = ("model forward", "LM head")
+PRECISIONS = {  # --precision: the server flags
+    "float32": ["--dtype", "float32"],
+    "bfloat16": ["--dtype", "bfloat16"],
+    "int8": ["--dtype", "float32", "--quantization", "int8"],
+}
 
 
 def categorise(frames: list[str], categories) -> str:
@@ -106,7 +111,7 @@ def summarise(counts: dict[str, Counter]) -> dict:
 def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int, label: str, source: Path) -> dict:
     port = free_port()
     threads = str(args.threads)
-    cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint), "--dtype", "float32",
+    cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint), *PRECISIONS[args.precision],
            "--device", "cpu", "--max-num-seqs", "64", "--host", "127.0.0.1", "--port", str(port)]
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     peer = Peer("gptserve", "gptserve", cmd, port, env, source)
@@ -138,7 +143,7 @@ def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int, 
     per_token_ms = 1000 / args.rate / served["total_output_tokens"]
     summary.update(engine_outside_model_ms_per_token=summary["engine_outside_model_samples"] * per_token_ms,
                    loop_busy_ms_per_token=summary["loop_busy_samples"] * per_token_ms)
-    summary.update(label=label, source=str(source), concurrency=concurrency,
+    summary.update(label=label, source=str(source), concurrency=concurrency, precision=args.precision,
                    output_throughput=served["output_throughput"],
                    itl_p50_ms=served["itl_ms"]["p50"], ttft_p50_ms=served["ttft_ms"]["p50"])
     return summary
@@ -147,7 +152,7 @@ def profile_level(args: argparse.Namespace, checkpoint: Path, concurrency: int, 
 def report(levels: list[dict]) -> str:
     lines = []
     for s in levels:
-        lines.append(f"\n## {s['label']}, concurrency {s['concurrency']}: {s['output_throughput']:.1f} output tok/s, "
+        lines.append(f"\n## {s['label']}, {s['precision']}, concurrency {s['concurrency']}: {s['output_throughput']:.1f} output tok/s, "
                      f"ITL p50 {s['itl_p50_ms']:.1f} ms, TTFT p50 {s['ttft_p50_ms']:.0f} ms")
         lines.append(f"engine thread busy {s['engine_busy_share_of_wall']:.1%} of wall "
                      f"({s['engine_busy_samples']} samples); outside the model math: "
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default=[1, 16, 64], type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="the served weights")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--waves", type=int, default=2, help="requests per client")
