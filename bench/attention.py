@@ -4,7 +4,8 @@ For GPT-2 small's head shape (12 heads x 64) it times, on this machine:
 - gathering a sequence's KV blocks: `pool[tables]` (advanced indexing) vs `index_select`;
 - decode attention over a padded batch: SDPA with a boolean length mask, SDPA with an
   additive float mask, and plain matmul-softmax-matmul;
-- prefill attention: SDPA `is_causal` vs an explicit causal mask.
+- prefill attention: SDPA on 3-D vs 4-D tensors (only 4-D reaches the fused kernel), `is_causal`
+  vs an explicit causal mask.
 
     python bench/attention.py
 """
@@ -53,14 +54,22 @@ def main() -> None:
         t2 = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=fmask), args.repeats)
         t3 = timeit(lambda: ((q @ k.transpose(-1, -2)) * d**-0.5 + fmask).softmax(-1) @ v, args.repeats)
         print(f"| decode | {b} x {s} | {t1:.0f} | {t2:.0f} | {t3:.0f} |")
-    print("\n| prefill attention | tokens | SDPA is_causal | SDPA explicit mask |")
-    print("|---|---|---|---|")
-    for t in (128, 512):
-        q, k, v = (torch.randn(h, t, d) for _ in range(3))
-        mask = torch.ones(t, t, dtype=torch.bool).tril()
-        t1 = timeit(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.repeats)
-        t2 = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), args.repeats)
-        print(f"| prefill | {t} | {t1:.0f} | {t2:.0f} |")
+    # 3-D (H, T, D) has no fused kernel and runs SDPA's math fallback; 4-D (1, H, T, D) runs
+    # the fused one. "past": the chunk follows that many cached tokens (an explicit mask).
+    print("\n| prefill attention | tokens + past | SDPA 3-D is_causal | 4-D is_causal | 3-D mask | 4-D mask |")
+    print("|---|---|---|---|---|---|")
+    for t, past in ((128, 0), (512, 0), (1000, 0), (512, 512)):
+        q = torch.randn(t, h, d).transpose(0, 1)  # as the model hands it: (T, H, D) viewed as (H, T, D)
+        k, v = (torch.randn(t + past, h, d).transpose(0, 1) for _ in range(2))
+        mask = torch.ones(t, t + past, dtype=torch.bool).tril(diagonal=past)
+        sdpa = F.scaled_dot_product_attention
+        causal = ("-", "-") if past else (
+            timeit(lambda: sdpa(q, k, v, is_causal=True), args.repeats),
+            timeit(lambda: sdpa(q[None], k[None], v[None], is_causal=True), args.repeats))
+        t3 = timeit(lambda: sdpa(q, k, v, attn_mask=mask), args.repeats)
+        t4 = timeit(lambda: sdpa(q[None], k[None], v[None], attn_mask=mask), args.repeats)
+        cells = " | ".join(c if isinstance(c, str) else f"{c:.0f}" for c in causal)
+        print(f"| prefill | {t} + {past} | {cells} | {t3:.0f} | {t4:.0f} |")
 
 
 if __name__ == "__main__":

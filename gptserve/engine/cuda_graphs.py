@@ -3,7 +3,10 @@
 A decode step is many small kernels; on a GPU the launch overhead dominates at small
 batches. Each graph reads static input buffers (ids, positions, slots, block tables,
 context lengths), so a step copies its inputs in and replays. Padding rows write their
-K/V to a scratch block that no sequence owns and attend to one token of it.
+K/V to a scratch block that no sequence owns and attend to one token of it. Attention in
+the graph is the Triton paged kernel (model/triton_attention.py): it reads each row's own
+blocks up to that row's length, so padding the block tables to max_model_len costs nothing.
+Graphs are captured on a side stream of the model's GPU, on a thread bound to it.
 With capture=False the same static buffers and padding run eagerly: that is how the
 device-independent part is tested on a machine without a GPU.
 """
@@ -54,18 +57,24 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
+        dev = self.model.device
+        # a side stream of the model's own GPU: torch.cuda.graph's default stream belongs to
+        # the thread's current device, which for cuda:1 would be another GPU's
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))  # the pool and weights are ready
         pool_handle = None
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            for _ in range(2):  # warm up kernels and allocator outside the capture
-                self._forward(b)
-            torch.cuda.synchronize()
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up kernels (Triton compiles here) and allocator outside the capture
+                    self._forward(b)
+            stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool_handle):
+            with torch.cuda.graph(graph, pool=pool_handle, stream=stream):
                 self.outputs[b] = self._forward(b)
             pool_handle = graph.pool()
             self.graphs[b] = graph
-        torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+        torch.cuda.synchronize(dev)
+        log.info("captured decode CUDA graphs on %s for batch sizes %s", dev, self.sizes)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         b = inputs["input_ids"].shape[0]

@@ -1,12 +1,19 @@
-"""Where the weights and the KV pool live, in what dtype, and how big the pool is."""
+"""Where the weights and the KV pool live, in what dtype, and how big the pool is (on a GPU:
+what remains after a profiled warm-up step); binding a thread to its GPU."""
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
 import torch
 
+from gptserve.config import EngineConfig
+from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata, PrefillSpan
 from gptserve.model.cpu_kernels import few_rows_linear
+from gptserve.model.gpt2 import GPT2
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16}
@@ -100,17 +107,91 @@ def parse_bytes(text: str) -> int:
     return int(value * 1024 ** "_KMGT".index(unit)) if unit else int(value)
 
 
+def bind_device(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device (a no-op elsewhere). Run it
+    first on every thread or process that does an engine's CUDA work: streams, graph
+    capture and Triton launches use the current device, which starts as cuda:0."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """Memory readings of one GPU, in bytes, taken after the profiling step."""
+
+    total: int  # the card's memory
+    free: int  # free on the card now (all processes)
+    reserved: int  # held now by this process's PyTorch allocator
+    peak: int  # this process's peak allocated by PyTorch: weights plus the largest step's activations
+
+
+def gpu_kv_budget(mem: GpuMemory, utilization: float) -> int:
+    """The KV pool's share: `utilization` of the card, less the profiled peak and what lies
+    outside PyTorch's allocator (the CUDA context, other processes)."""
+    outside = mem.total - mem.free - mem.reserved
+    budget = int(mem.total * utilization) - mem.peak - outside
+    if budget <= 0:
+        raise PlacementError(
+            f"no GPU memory left for the KV cache: {utilization:.2f} of {mem.total / 2**30:.1f} GiB, less "
+            f"a peak of {mem.peak / 2**30:.2f} GiB (weights and activations) and {outside / 2**30:.2f} GiB "
+            "outside PyTorch; lower --max-num-batched-tokens or the model size, or raise "
+            "--gpu-memory-utilization")
+    return budget
+
+
+@torch.inference_mode()
+def warm_up(model: GPT2, num_tokens: int, num_rows: int, max_model_len: int) -> None:
+    """The largest step the engine may run: `num_tokens` prompt tokens (as sequences of up to
+    max_model_len, each attending within itself), then the LM head and a float32 softmax over
+    `num_rows` rows, as the sampler does. K/V go to a one-block pool (its scratch block)."""
+    cfg, dev = model.config, model.device
+    pool = KVPool(cfg.n_layer, 0, 16, cfg.n_head, cfg.head_dim, model.dtype, dev)
+    lengths = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(dev)
+    spans, start = [], 0
+    for n in lengths:
+        spans.append(PrefillSpan(start, start + n, n, torch.zeros(1, dtype=torch.long, device=dev)))
+        start += n
+    slots = pool.scratch_block * pool.block_size + positions % pool.block_size
+    meta = PagedMetadata(slot_mapping=slots, prefills=spans)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+    hidden = model(ids, positions, PagedAttention(pool, meta))
+    model.logits(hidden[-num_rows:]).float().softmax(-1)
+
+
+def profile_gpu_memory(model: GPT2, config: EngineConfig, max_model_len: int) -> GpuMemory | None:
+    """Run the largest step the configuration allows (warm_up) on the model's GPU and read
+    the memory figures around it; None where nothing needs it (not CUDA, or the pool's size
+    given)."""
+    dev = model.device
+    if dev.type != "cuda" or config.kv_cache_memory is not None:
+        return None
+    torch.cuda.reset_peak_memory_stats(dev)
+    warm_up(model, config.max_num_batched_tokens, config.max_num_seqs, max_model_len)
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev)
+    torch.cuda.empty_cache()  # the warm-up's activations go back; the peak is what counted
+    free, total = torch.cuda.mem_get_info(dev)
+    return GpuMemory(total, free, torch.cuda.memory_reserved(dev), peak)
+
+
 def kv_cache_bytes(device: torch.device, requested: int | None, utilization: float,
-                   weights_bytes: int) -> int:
-    """Bytes for the KV pool: as asked, else a share of free GPU memory, else a CPU default."""
+                   weights_bytes: int, profiled: GpuMemory | None = None) -> int:
+    """Bytes for the KV pool: as asked; on a GPU, what remains under `utilization` after the
+    profiled peak (profile_gpu_memory); else a CPU default. Unprofiled on a GPU, the peak is
+    taken as what is allocated now plus a quarter of the weights for activations."""
     if requested is not None:
         return requested
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used_by_others = total - free
-        budget = int(total * utilization) - used_by_others - weights_bytes // 4  # activations headroom
-        if budget <= 0:
-            raise PlacementError("no GPU memory left for the KV cache; lower the model size or raise "
-                                 "--gpu-memory-utilization")
+        if profiled is None:
+            free, total = torch.cuda.mem_get_info(device)
+            profiled = GpuMemory(total, free, torch.cuda.memory_reserved(device),
+                                 torch.cuda.memory_allocated(device) + weights_bytes // 4)
+        budget = gpu_kv_budget(profiled, utilization)
+        gib = 2**30
+        log.info("KV cache on %s: %.2f GiB = %.2f of %.2f GiB, less a peak of %.2f GiB (%.2f GiB of weights)"
+                 " and %.2f GiB outside PyTorch", device, budget / gib, utilization, profiled.total / gib,
+                 profiled.peak / gib, weights_bytes / gib,
+                 (profiled.total - profiled.free - profiled.reserved) / gib)
         return budget
     return CPU_DEFAULT_KV_BYTES

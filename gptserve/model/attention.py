@@ -9,17 +9,35 @@ and PyTorch's scaled_dot_product_attention runs fused kernels. Prefill without a
 past attends over the chunk's own K/V (no gather at all); decode gathers each sequence's
 blocks once per layer into a (B, S, H, D) view and runs one batched SDPA under a length
 mask; on the CPU in float32 a small C++ kernel (cpu_kernels.py) reads K/V through the block
-tables instead, skipping that gather, which was most of a large decode step. A Python loop
-over sequences happens only for prefill chunks, of which a step has few.
+tables instead, skipping that gather, which was most of a large decode step; on CUDA a
+Triton kernel does the same (triton_attention.py). Prefill runs SDPA on 4-D tensors, the
+shape its fused kernels need. A Python loop over sequences happens only for prefill
+chunks, of which a step has few.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from gptserve.model.cpu_kernels import paged_decode
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def gpu_paged_decode():
+    """The Triton paged decode kernel (model/triton_attention.py), or None without triton:
+    then decode on CUDA gathers the blocks and runs SDPA, correct but slower."""
+    try:
+        from gptserve.model.triton_attention import paged_decode_attention
+    except ImportError as e:
+        log.warning("triton unavailable (%s): CUDA decode attention gathers KV blocks instead", e)
+        return None
+    return paged_decode_attention
 
 
 class DenseAttention:
@@ -146,6 +164,10 @@ class PagedAttention:
             kernel = paged_decode()
             if kernel is not None:  # reads K/V through the block tables, no gather
                 return kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        if q.device.type == "cuda":
+            kernel = gpu_paged_decode()
+            if kernel is not None:  # Triton: the same, on the GPU, in any dtype, graph-safe
+                return kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
         b, h, d = q.shape
         tables = meta.decode_block_tables[:, :meta.decode_max_blocks].reshape(-1)  # (B * M,)
         # index_select, not k_cache[tables]: 2-3x faster on the CPU (bench/attention.py)
@@ -161,10 +183,12 @@ class PagedAttention:
     @staticmethod
     def _causal(q, k, v, scale):
         t, total = q.shape[0], k.shape[0]
-        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (H, *, D)
+        # 4-D: the fused SDPA kernels (flash on the CPU; flash or memory-efficient on CUDA)
+        # accept only (B, H, T, D); 3-D inputs silently fall back to the unfused math path
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, *, D)
         if t == total:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
+        else:  # a cached past: query i sees keys 0..past+i (is_causal would align to the top left)
             mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(diagonal=total - t)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return y.transpose(0, 1)
+        return y[0].transpose(0, 1)  # (t, H, D)

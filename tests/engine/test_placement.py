@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptserve.engine.placement import (Precision, PlacementError, kv_cache_bytes, parse_bytes, resolve_device,
-                                       resolve_dtype, resolve_precision)
+from gptserve.engine.placement import (GpuMemory, Precision, PlacementError, gpu_kv_budget, kv_cache_bytes,
+                                       parse_bytes, profile_gpu_memory, resolve_device, resolve_dtype,
+                                       resolve_precision, warm_up)
 
 
 def test_auto_is_float32_on_the_cpu_and_names_are_understood():
@@ -94,3 +95,54 @@ def test_engine_pool_has_the_blocks_the_budget_buys(tiny_checkpoint):
     assert engine.block_manager.num_blocks == 100  # one more is the pool's scratch block
     assert engine.pool.kv.shape == (2, 2, 101, 16, 4, 16)
     assert engine.pool.kv.dtype is torch.float32 and engine.pool.kv.device.type == "cpu"
+
+
+GIB = 2**30
+
+
+def test_on_a_gpu_the_kv_pool_gets_what_remains_under_the_utilization_after_the_profiled_peak():
+    # an 80 GiB card; this process's peak 10 GiB (weights and the largest step), 11 GiB held by
+    # its allocator now; 3 GiB in use outside PyTorch (CUDA context, another process)
+    mem = GpuMemory(total=80 * GIB, free=66 * GIB, reserved=11 * GIB, peak=10 * GIB)
+    assert gpu_kv_budget(mem, 0.9) == int(72 * GIB) - 10 * GIB - 3 * GIB
+    assert kv_cache_bytes(torch.device("cuda:1"), None, 0.9, 6 * GIB, profiled=mem) == int(72 * GIB) - 13 * GIB
+    assert kv_cache_bytes(torch.device("cuda:1"), 12345, 0.9, 6 * GIB, profiled=mem) == 12345  # as asked
+
+
+def test_a_peak_that_leaves_nothing_for_the_kv_pool_is_refused_with_the_figures():
+    mem = GpuMemory(total=16 * GIB, free=4 * GIB, reserved=10 * GIB, peak=9 * GIB)
+    with pytest.raises(PlacementError, match=r"0\.50 of 16\.0 GiB, less a peak of 9\.00 GiB .* 2\.00 GiB outside"):
+        gpu_kv_budget(mem, 0.5)
+
+
+def test_the_profiling_step_runs_the_largest_batch_the_configuration_allows(tiny_checkpoint):
+    """The warm-up forward itself is device-independent: here on the CPU, at a token budget
+    that spans several whole contexts and a part of one."""
+    from gptserve.weights.loader import load_model
+
+    model = load_model(tiny_checkpoint, torch.device("cpu"), torch.float32)  # n_positions 256
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    warm_up(model, num_tokens=600, num_rows=64, max_model_len=256)
+    assert calls == [torch.Size([600, 64])]
+
+
+def test_nothing_is_profiled_off_a_gpu_or_when_the_pool_size_is_given(tiny_checkpoint):
+    from gptserve.config import EngineConfig
+    from gptserve.weights.loader import load_model
+
+    model = load_model(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    assert profile_gpu_memory(model, EngineConfig(), 256) is None
+    assert profile_gpu_memory(model, EngineConfig(kv_cache_memory=2**20), 256) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_profiled_peak_holds_the_weights_and_more(tiny_checkpoint):
+    from gptserve.config import EngineConfig
+    from gptserve.weights.loader import load_model
+
+    model = load_model(tiny_checkpoint, torch.device("cuda:0"), torch.float16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    mem = profile_gpu_memory(model, EngineConfig(max_num_batched_tokens=2048, max_num_seqs=64), 256)
+    assert mem.peak > weights and 0 < mem.free < mem.total and mem.reserved >= weights
+    assert 0 < gpu_kv_budget(mem, 0.9) < mem.total
