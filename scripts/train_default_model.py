@@ -12,6 +12,15 @@ The whole pipeline, reproducible from a seed:
 
     python scripts/train_default_model.py --steps 1000 --time-budget-min 45 \
         --threads 1 --work-dir runs/default_model
+
+The bundled draft model (speculative decoding's `--speculative-method draft` default) is
+the same pipeline with a smaller shape, distilled from the bundled model: its loss is the
+KL divergence from the teacher's next-token distribution, so that its greedy token agrees
+with the teacher's as often as it can (the acceptance rate of its proposals):
+
+    python scripts/train_default_model.py --n-embd 64 --n-layer 2 --n-head 2 \
+        --teacher gptserve/weights/default_model --output gptserve/weights/default_draft \
+        --steps 600 --lr 3e-3 --threads 2 --work-dir runs/default_draft
 """
 from __future__ import annotations
 
@@ -145,12 +154,37 @@ def build_model(tc: TrainConfig) -> GPT2:
     return model
 
 
-def lm_loss(model: GPT2, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of a (B, T) batch over the full vocabulary."""
+def batch_logits(model: GPT2, x: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of every position of a (B, T) batch: (B*T, V)."""
     b, t = x.shape
     positions = torch.arange(t).repeat(b)
-    hidden = model(x.flatten(), positions, DenseAttention(batch_size=b))  # (B*T, C)
-    return F.cross_entropy(model.logits(hidden), y.flatten())
+    return model.logits(model(x.flatten(), positions, DenseAttention(batch_size=b)))
+
+
+def lm_loss(model: GPT2, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of a (B, T) batch over the full vocabulary."""
+    return F.cross_entropy(batch_logits(model, x), y.flatten())
+
+
+def distill_loss(model: GPT2, teacher: GPT2, x: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || model) of the next-token distributions of a (B, T) batch."""
+    with torch.no_grad():
+        target = F.log_softmax(batch_logits(teacher, x), dim=-1)
+    return F.kl_div(F.log_softmax(batch_logits(model, x), dim=-1), target, log_target=True,
+                    reduction="batchmean")
+
+
+@torch.no_grad()
+def greedy_agreement(model: GPT2, teacher: GPT2, x: torch.Tensor, batch_size: int) -> float:
+    """How often model's greedy next token is the teacher's: a draft's acceptance rate."""
+    model.eval()
+    same = total = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        same += int((batch_logits(model, xb).argmax(-1) == batch_logits(teacher, xb).argmax(-1)).sum())
+        total += xb.numel()
+    model.train()
+    return same / total
 
 
 @torch.no_grad()
@@ -233,6 +267,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--checkpoint-interval", type=int, default=100, help="steps between resumable saves")
     p.add_argument("--resume", action="store_true", help="continue from --work-dir/state.pt")
     p.add_argument("--no-save", action="store_true", help="train and report only (for timing runs)")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="distil from this model (a draft model for speculative decoding)")
     return p.parse_args()
 
 
@@ -254,6 +290,7 @@ def main() -> None:
           f"{len(tokens):,} tokens ({len(train_tokens):,} train, {len(val_tokens):,} val)", flush=True)
 
     model = build_model(tc)
+    teacher = load_model(args.teacher).eval() if args.teacher else None
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     print(f"model: n_embd={tc.n_embd} n_layer={tc.n_layer} n_head={tc.n_head} "
@@ -280,7 +317,7 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = random_windows(train_tokens, tc.batch_size, tc.n_positions, gen)
-        loss = lm_loss(model, x, y)
+        loss = distill_loss(model, teacher, x) if teacher is not None else lm_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
@@ -300,9 +337,13 @@ def main() -> None:
             tok_s = window_tokens / window_time  # training steps only, evals excluded
             history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                             "tokens_seen": tokens_seen, "elapsed_s": elapsed})
+            if teacher is not None:
+                history[-1]["greedy_agreement"] = greedy_agreement(
+                    model, teacher, val_x[:tc.eval_batches], tc.batch_size)
             print(f"step {step:5d} | train {train_loss:.3f} | val {val_loss:.3f} | lr {lr:.2e} | "
                   f"gnorm {grad_norm:.2f} | {tok_s:,.0f} tok/s | {tokens_seen:,} tokens | "
-                  f"{elapsed / 60:.1f} min", flush=True)
+                  f"{elapsed / 60:.1f} min" + (f" | agree {history[-1]['greedy_agreement']:.3f}" if teacher else ""),
+                  flush=True)
             window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
         if not args.no_save and step % args.checkpoint_interval == 0:
             save_state(state_path, model, opt, step, gen, elapsed, tokens_seen, history)
@@ -318,6 +359,9 @@ def main() -> None:
     for name in ("vocab.json", "merges.txt"):
         if not (args.output / name).exists():
             shutil.copyfile(args.tokenizer / name, args.output / name)
+    if teacher is not None:  # a draft guesses only tokens it has seen: its LM head can skip the rest
+        (args.output / "draft_vocab.json").write_text(json.dumps(
+            {"token_ids": sorted(set(tokens.tolist()))}, separators=(",", ":")) + "\n")
     shipped = load_model(args.output)  # fp16 on disk, fp32 in memory
     n_train_eval = len(val_x)  # as many windows as val, from the start of train
     train_x, train_y = consecutive_windows(train_tokens[: n_train_eval * tc.n_positions + 1], tc.n_positions)
@@ -325,10 +369,12 @@ def main() -> None:
         "train_loss": evaluate(shipped, train_x, train_y, tc.batch_size),
         "val_loss": evaluate(shipped, val_x, val_y, tc.batch_size),
     }
+    if teacher is not None:
+        final["greedy_agreement_val"] = greedy_agreement(shipped, teacher, val_x, tc.batch_size)
     samples = {p: greedy_continuation(shipped, tokenizer, p, 60)
                for p in ("And the LORD said unto", "In the beginning", "Blessed are the")}
     size = (args.output / "model.safetensors").stat().st_size
-    metrics = {"train_config": asdict(tc), "steps_done": step, "stopped": stopped,
+    metrics = {"train_config": asdict(tc), "teacher": str(args.teacher) if teacher is not None else None, "steps_done": step, "stopped": stopped,
                "tokens_seen": tokens_seen, "train_wall_s": elapsed,
                "parameters": shipped.config.num_parameters(), "safetensors_bytes": size,
                "corpus_package": f"bible-kjv-text {bible_version()}", "corpus_tokens": len(tokens),
