@@ -6,7 +6,7 @@ import logging
 import sys
 import uuid
 
-from gptserve.config import EngineConfig, ServerConfig
+from gptserve.config import EngineConfig, ServerConfig, SpeculativeConfig
 from gptserve.server.request_id import RequestIdFilter
 
 # the request id is "-" outside a request (start-up, the engine thread)
@@ -24,6 +24,21 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                  "16 bits")
     p.add_argument("--quantization", default=None, choices=["int8"],
                    help="int8: weights quantized at load, one scale per output channel (CPU; math in float32)")
+    d = SpeculativeConfig("ngram")
+    spec = p.add_argument_group("speculative decoding", "guess the next tokens cheaply and verify them in one "
+                                "pass of the model; output is exactly what plain decoding gives")
+    spec.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                      help="ngram: guesses from earlier text of the prompt and output (prompt lookup); "
+                           "draft: a small model of the same vocabulary guesses (default: off)")
+    spec.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
+                      help="most guesses per sequence and step")
+    spec.add_argument("--ngram-min", type=int, default=d.ngram_min, help="shortest suffix an ngram guess matches")
+    spec.add_argument("--ngram-max", type=int, default=d.ngram_max, help="longest suffix an ngram guess matches")
+    spec.add_argument("--draft-model", default=None,
+                      help="the draft: a GPT-2 folder or Hub id with the model's vocabulary "
+                           "(default: the draft bundled with the default model)")
+    spec.add_argument("--speculative-max-batch", type=int, default=d.max_batch,
+                      help="speculate only in steps with at most this many decoding sequences")
 
 
 def _serving_engine_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +55,9 @@ def _serving_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas, one per GPU")
+    p.add_argument("--data-parallel-backend", default="auto", choices=["auto", "process", "thread"],
+                   help="replicas as one process each (auto on GPUs: no shared interpreter lock) or as "
+                        "threads of one process (auto on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
 
 
@@ -47,6 +65,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     from gptserve.engine.placement import parse_bytes
 
     cfg = EngineConfig(device=args.device, dtype=args.dtype, quantization=args.quantization)
+    if args.speculative_method:
+        cfg.speculative = SpeculativeConfig(
+            args.speculative_method, args.num_speculative_tokens, args.ngram_min, args.ngram_max,
+            args.draft_model, args.speculative_max_batch)
     if hasattr(args, "max_num_seqs"):
         cfg.kv_cache_memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
         cfg.gpu_memory_utilization = args.gpu_memory_utilization
@@ -57,6 +79,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cfg.enable_prefix_caching = not args.no_prefix_caching
         cfg.enforce_eager = args.enforce_eager
         cfg.data_parallel_size = args.data_parallel_size
+        cfg.data_parallel_backend = args.data_parallel_backend
         cfg.seed = args.seed
     return cfg
 
@@ -163,7 +186,36 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         max_stored_responses=args.max_stored_responses)
 
 
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("Ray Serve", "run as a Ray Serve application on this machine's Ray cluster "
+                               "(joined if one runs, else started): one engine per replica, requests routed "
+                               "by prompt prefix; needs pip install 'gptserve[ray]'")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve")
+    replicas = ray.add_mutually_exclusive_group()
+    replicas.add_argument("--num-replicas", type=int, default=1, help="engine replicas (default: 1)")
+    replicas.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                          help="scale engine replicas between MIN and MAX on their ongoing requests")
+    ray.add_argument("--replica-num-gpus", type=float, default=0.0,
+                     help="GPUs each engine replica takes from Ray (1: a GPU of its own; default: 0, CPU)")
+    ray.add_argument("--no-prefix-affinity", action="store_true",
+                     help="route by load alone (power of two choices), not by prompt prefix")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        try:
+            from gptserve.deploy.launch import cli_spec, run_on_ray
+        except ImportError as e:
+            print(f"gptserve: error: --ray needs Ray Serve: pip install 'gptserve[ray]' ({e})", file=sys.stderr)
+            return 2
+        try:
+            spec = cli_spec(args.model, engine_config(args), server_config(args), args.num_replicas,
+                            args.autoscale, not args.no_prefix_affinity, args.replica_num_gpus)
+        except ValueError as e:
+            print(f"gptserve: error: {e}", file=sys.stderr)
+            return 2
+        run_on_ray(spec)
+        return 0
     from gptserve.server.serve import run_server
 
     run_server(args.model, engine_config(args), server_config(args))
@@ -183,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(serve)
     _serving_engine_args(serve)
     _server_args(serve)
+    _ray_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="complete a prompt on the command line",

@@ -79,6 +79,27 @@ class ModelConfig:
         return self.vocab_size * c + self.n_positions * c + self.n_layer * per_layer + 2 * c
 
 
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: propose up to `num_speculative_tokens` tokens per sequence and
+    verify them in one pass of the model (engine/speculative.py)."""
+
+    method: str  # "ngram" (prompt lookup) or "draft" (a small model of the same vocabulary)
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1  # shortest suffix that may match
+    ngram_max: int = 4  # longest suffix tried first
+    draft_model: str | None = None  # "draft": a path or hub id; None: the bundled draft
+    max_batch: int = 4  # more decoding sequences than this in a step: no speculation
+
+    def __post_init__(self):
+        if self.method not in ("ngram", "draft"):
+            raise ValueError(f"unknown speculative method {self.method!r}: ngram or draft")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be at least 1")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("need 1 <= ngram_min <= ngram_max")
+
+
 @dataclass
 class EngineConfig:
     """Limits and placement of one engine replica."""
@@ -97,6 +118,8 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     enforce_eager: bool = False
     data_parallel_size: int = 1
+    data_parallel_backend: str = "auto"  # replicas as "process"es or "thread"s; auto: processes on GPUs
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
 
 @dataclass

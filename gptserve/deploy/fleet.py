@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections import Counter
 from typing import TYPE_CHECKING
 
 from gptserve.engine.outputs import EngineStats
@@ -42,12 +41,6 @@ def replica_stats(app_name: str) -> dict[str, EngineStats | None]:
 
 
 def sum_stats(parts: list[EngineStats]) -> EngineStats:
-    """The fleet's stats: counts added up, counts by key (finish reasons) key by key. A
-    replica that is gone takes its counters with it (Prometheus reads the drop as a reset)."""
-    def total(f: dataclasses.Field) -> int | dict:
-        values = [getattr(p, f.name) for p in parts]
-        if f.default_factory is dict:
-            return dict(sum((Counter(v) for v in values), Counter()))
-        return sum(values)
-
-    return EngineStats(**{f.name: total(f) for f in dataclasses.fields(EngineStats)})
+    """The fleet's stats (EngineStats.merge). A replica that is gone takes its counters with
+    it (Prometheus reads the drop as a reset)."""
+    return EngineStats.merge(parts)

@@ -100,13 +100,25 @@ class BlockManager:
         return block_id
 
     # ---- growth --------------------------------------------------------------------
-    def can_append(self, seq: Sequence) -> bool:
-        """Room for the K/V of seq's tokens not yet in the cache?"""
-        return self.blocks_needed(len(seq)) - len(seq.block_table) <= len(self.free)
+    def can_append(self, seq: Sequence, extra: int = 0) -> bool:
+        """Room for the K/V of seq's tokens not yet in the cache, and of `extra` more
+        (speculative guesses)?"""
+        return self.blocks_needed(len(seq) + extra) - len(seq.block_table) <= len(self.free)
 
-    def append_slots(self, seq: Sequence) -> None:
-        while len(seq.block_table) < self.blocks_needed(len(seq)):
+    def append_slots(self, seq: Sequence, extra: int = 0) -> None:
+        while len(seq.block_table) < self.blocks_needed(len(seq) + extra):
             seq.block_table.append(self._take_free_block())
+
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past seq's tokens (those reserved for guesses that did not
+        stand); they hold nothing reusable."""
+        while len(seq.block_table) > self.blocks_needed(len(seq)):
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                self.free.move_to_end(block_id, last=False)
 
     def commit_computed(self, seq: Sequence) -> None:
         """Register seq's blocks that became full in the prefix cache."""

@@ -1,18 +1,22 @@
 """Data parallel: N engine replicas (one per GPU) behind one front, least-loaded routing.
 
-Each replica is a full AsyncEngine with its own weights, KV pool and step thread. A new
-request goes to the replica with the fewest requests in flight; its aborts follow it.
+Each replica is a full AsyncEngine with its own weights, KV pool and step thread. On GPUs
+each replica's engine runs in a process of its own, bound to its GPU (engine_process.py),
+so replicas don't share one interpreter lock; on the CPU (where several replicas are for
+tests) they are threads of this process, unless asked otherwise (data_parallel_backend).
+A new request goes to the replica with the fewest requests in flight; its aborts follow it.
 The front is an EngineClient (engine/client.py) like one replica, so the server can't
 tell them apart.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections import Counter
 from typing import AsyncIterator
 
 from gptserve.config import EngineConfig
 from gptserve.engine.async_engine import AsyncEngine
+from gptserve.engine.engine_process import EngineProcess
 from gptserve.engine.outputs import EngineStats, Inspection, RequestOutput
 from gptserve.engine.placement import PlacementError
 from gptserve.engine.sampling_params import SamplingParams
@@ -29,14 +33,39 @@ def replica_devices(device: str, n: int, cuda_count: int) -> list[str]:
     return [f"cuda:{i}" for i in range(n)]
 
 
+def uses_processes(backend: str, devices: list[str]) -> bool:
+    """auto: a process per replica on GPUs, threads on the CPU."""
+    if backend not in ("auto", "process", "thread"):
+        raise PlacementError(f"unknown data parallel backend {backend!r}: use auto, process or thread")
+    return backend == "process" or (backend == "auto" and devices[0] != "cpu")
+
+
+def start_processes(model: str | None, configs: list[EngineConfig]) -> list[EngineProcess]:
+    """One engine process per config, loading side by side; all stopped if one fails."""
+    processes = [EngineProcess(model, c) for c in configs]
+    try:
+        for p in processes:
+            p.wait_ready()
+    except BaseException:
+        for p in processes:
+            p.close()
+        raise
+    return processes
+
+
 class DataParallelEngine:
     def __init__(self, model: str | None, config: EngineConfig, replicas: list[AsyncEngine] | None = None):
+        self.processes: list[EngineProcess] = []
         if replicas is None:
             import torch
 
             devices = replica_devices(config.device, config.data_parallel_size, torch.cuda.device_count())
-            replicas = [AsyncEngine(model, dataclasses.replace(config, device=d, data_parallel_size=1))
-                        for d in devices]
+            configs = [dataclasses.replace(config, device=d, data_parallel_size=1) for d in devices]
+            if uses_processes(config.data_parallel_backend, devices):
+                self.processes = start_processes(model, configs)
+                replicas = [AsyncEngine(model, c, engine=p) for c, p in zip(configs, self.processes)]
+            else:
+                replicas = [AsyncEngine(model, c) for c in configs]
         self.replicas = replicas
         first = replicas[0]
         self.model_name = first.model_name
@@ -54,6 +83,8 @@ class DataParallelEngine:
     async def shutdown(self) -> None:
         for r in self.replicas:
             await r.shutdown()
+        for p in self.processes:  # their driving threads have stopped: nothing else talks to them
+            await asyncio.to_thread(p.close)
 
     @property
     def is_ready(self) -> bool:
@@ -83,10 +114,7 @@ class DataParallelEngine:
 
     def stats(self) -> EngineStats:
         parts = [r.stats() for r in self.replicas]
-        summed = {f.name: sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(EngineStats)
-                  if f.name != "sequences_finished"}
-        finished = sum((Counter(p.sequences_finished) for p in parts), Counter())
-        return EngineStats(**summed, sequences_finished=dict(finished))
+        return EngineStats.merge(parts)
 
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         return await self.replicas[self.pick()].embed(prompts)
@@ -99,3 +127,4 @@ def build_engine(model: str | None, config: EngineConfig) -> AsyncEngine | DataP
     if config.data_parallel_size > 1:
         return DataParallelEngine(model, config)
     return AsyncEngine(model, config)
+

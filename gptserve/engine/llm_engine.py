@@ -7,6 +7,7 @@ one thread; offline callers (`generate`, the CLI) drive it directly.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,11 +19,13 @@ from gptserve.engine.grammar import GrammarCompiler, GrammarError
 from gptserve.engine.limits import EngineLimits
 from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.outputs import ChoiceDelta, EngineStats, FinishReason, Inspection, RequestOutput
-from gptserve.engine.placement import kv_cache_bytes, resolve_device, resolve_precision
+from gptserve.engine.placement import (bind_device, kv_cache_bytes, profile_gpu_memory, resolve_device,
+                                        resolve_precision)
 from gptserve.engine.sampler import Sampler
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.scheduler import Scheduler
-from gptserve.engine.sequence import Sequence
+from gptserve.engine.sequence import Sequence, SequenceStatus, VerifyRow
+from gptserve.engine.speculative import SpeculationStats, accepted_count, build_proposer
 from gptserve.model.attention import KVPool
 from gptserve.model.cpu_kernels import paged_decode
 from gptserve.model.gpt2 import GPT2
@@ -49,6 +52,7 @@ class LLMEngine:
                  loaded: tuple[GPT2, Tokenizer] | None = None):
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.device)
+        bind_device(self.device)  # this thread's CUDA work goes to our GPU, before any of it
         self.precision = resolve_precision(config.dtype, config.quantization, self.device)
         self.dtype = self.precision.compute
         if loaded is None:
@@ -63,7 +67,7 @@ class LLMEngine:
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         per_block = KVPool.bytes_per_block(mc.n_layer, config.block_size, mc.n_head, mc.head_dim, self.dtype)
         budget = kv_cache_bytes(self.device, config.kv_cache_memory, config.gpu_memory_utilization,
-                                weights_bytes)
+                                weights_bytes, profile_gpu_memory(self.model, config, max_model_len))
         num_blocks = max(1, budget // per_block - 1)  # one more block is the pool's scratch block
         self.pool = KVPool(mc.n_layer, num_blocks, config.block_size, mc.n_head, mc.head_dim,
                            self.dtype, self.device)
@@ -81,6 +85,12 @@ class LLMEngine:
             self.packed = False
         else:
             self.packed = pack_for_cpu(self.model)  # oneDNN-packed linear layers (CPU float32)
+        self.proposer = None
+        if config.speculative is not None:
+            self.proposer = build_proposer(config.speculative, mc, self.device, self.dtype, num_blocks,
+                                           config.block_size, max_model_len)
+        self.spec_stats = SpeculationStats()
+        self._spec_logged = (time.monotonic(), 0)  # when the last log line was written, at how many guesses
         self.requests: dict[str, Request] = {}
         self._grammars: GrammarCompiler | None = None  # built at the first constrained request
         self.prompt_tokens = 0
@@ -126,6 +136,8 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -136,19 +148,19 @@ class LLMEngine:
             sampled, out = self.runner.run(batch, masks)
         except Exception as e:  # noqa: BLE001 - a failed forward fails its batch, not the engine
             log.exception("model step failed; failing the %d requests in it", batch.num_tokens)
-            reqs = {s.request_id for s in batch.decodes} | {s.request_id for s, _ in batch.prefills}
+            reqs = {s.request_id for s in batch.decodes + batch.verifies} | {s.request_id for s, _ in batch.prefills}
             return [self._fail(rid, f"model step failed: {e!r}") for rid in reqs]
         for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
             seq.num_computed_tokens += n
             self.block_manager.commit_computed(seq)  # blocks that became full join the prefix cache
         touched: dict[str, Request] = {}
         failed: list[RequestOutput] = []
-        for seq, token, logprob in zip(sampled, out.token_ids, out.logprobs):
+        for seq, tokens, logprobs in _by_sequence(sampled, out.token_ids, out.logprobs):
             req = self.requests.get(seq.request_id)
             if req is None or seq.is_finished:
                 continue
             try:
-                self._append_token(seq, token, logprob)
+                self._append_tokens(seq, tokens, logprobs)
             except Exception as e:  # noqa: BLE001 - one request's failure stays its own
                 log.exception("request %s failed", seq.request_id)
                 failed.append(self._fail(seq.request_id, repr(e)))
@@ -165,7 +177,78 @@ class LLMEngine:
                     self._finish(choice, FinishReason.LENGTH, None)
                 req.parked = []
                 touched[seq.request_id] = req
+        if self.proposer is not None:
+            self._log_speculation()
         return failed + [self._output(req) for req in touched.values()]
+
+    # ---- speculative decoding (engine/speculative.py) ------------------------------------
+    def _propose(self) -> None:
+        """Guess the next tokens of the decoding sequences, unless the batch is large enough
+        that verifying guesses costs more than the steps they save."""
+        spec = self.config.speculative
+        decoding = [s for s in self.scheduler.running if s.status is SequenceStatus.RUNNING and not s.is_prefill]
+        if not decoding or len(decoding) > spec.max_batch:
+            return
+        room = [(seq, self._guess_room(seq, spec.num_speculative_tokens)) for seq in decoding]
+        room = [(seq, k) for seq, k in room if k > 0]
+        if not room:
+            return
+        seqs, ks = zip(*room)
+        for seq, guesses in zip(seqs, self.proposer.propose(list(seqs), list(ks))):
+            if seq.matcher is not None and guesses:
+                guesses = self._grammar_guesses(seq, guesses)
+            seq.spec_token_ids = guesses
+
+    def _guess_room(self, seq: Sequence, k: int) -> int:
+        """Guesses worth making for seq: a verify emits up to k + 1 tokens, none past
+        max_tokens or the context."""
+        left = self.limits.max_new_tokens(seq.num_prompt_tokens, seq.params) - seq.num_output_tokens
+        return min(k, left - 1, self.limits.max_model_len - len(seq))
+
+    @staticmethod
+    def _grammar_guesses(seq: Sequence, guesses: list[int]) -> list[int]:
+        """The guesses the grammar allows, and the matcher after each (seq.spec_matchers)."""
+        guesses = guesses[:seq.matcher.validate_tokens(guesses)]
+        matchers = [seq.matcher]
+        for j, token in enumerate(guesses):
+            m = matchers[-1].deep_copy()
+            m.consume_token(token)
+            if m.is_stopped():  # the grammar completes here: no row is sampled after it
+                guesses = guesses[:j]
+                break
+            matchers.append(m)
+        seq.spec_matchers = matchers[:len(guesses) + 1]
+        return guesses
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
+        """A sequence's tokens of this step: one, or after a verify the guesses that stood
+        and the token of the first row that did not confirm one."""
+        guesses = seq.spec_token_ids
+        if guesses:
+            accepted = accepted_count(guesses, tokens)
+            self.spec_stats.record(self.proposer.method, len(guesses), accepted)
+            tokens, logprobs = tokens[:accepted + 1], logprobs[:accepted + 1]
+            seq.spec_token_ids, seq.spec_matchers = [], []
+        for token, logprob in zip(tokens, logprobs):
+            self._append_token(seq, token, logprob)
+            if seq.is_finished:
+                return
+        if guesses:  # the K/V of the guesses that stood is in the cache; the rest is given back
+            seq.num_computed_tokens = len(seq) - 1
+            self.block_manager.trim(seq)
+            self.block_manager.commit_computed(seq)
+
+    def _log_speculation(self, every_s: float = 10.0) -> None:
+        last_time, last_drafted = self._spec_logged
+        st = self.spec_stats
+        drafted = sum(st.draft_tokens.values())
+        if drafted == last_drafted or time.monotonic() - last_time < every_s:
+            return
+        accepted = sum(st.accepted_tokens.values())
+        log.info("speculative decoding (%s): %d guesses verified, %d accepted (%.1f%%), "
+                 "%.2f tokens per verified step", self.proposer.method, drafted, accepted,
+                 100 * accepted / drafted, (accepted + st.verified_sequences) / max(1, st.verified_sequences))
+        self._spec_logged = (time.monotonic(), drafted)
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
         seq.token_ids.append(token)
@@ -195,6 +278,8 @@ class LLMEngine:
             seq.new_text += seq.detokenizer.flush()
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.release(seq)
         self.sequences_finished[reason.value] = self.sequences_finished.get(reason.value, 0) + 1
 
     def _fail(self, request_id: str, message: str) -> RequestOutput:
@@ -247,7 +332,9 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             num_preemptions=sch.num_preemptions, prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.generation_tokens, sequences_finished=dict(self.sequences_finished))
+            generation_tokens=self.generation_tokens, sequences_finished=dict(self.sequences_finished),
+            spec_draft_tokens=dict(self.spec_stats.draft_tokens),
+            spec_accepted_tokens=dict(self.spec_stats.accepted_tokens))
 
     # ---- offline use -----------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
@@ -266,3 +353,14 @@ class LLMEngine:
                 for c in out.choices:
                     results[out.request_id][c.index].extend(c.token_ids)
         return [results[r] for r in ids]
+
+
+def _by_sequence(rows: list, tokens: list[int], logprobs: list) -> list[tuple[Sequence, list[int], list]]:
+    """The step's sampled rows grouped by sequence, in row order (a verify has several)."""
+    grouped: dict[int, tuple[Sequence, list[int], list]] = {}
+    for row, token, logprob in zip(rows, tokens, logprobs):
+        seq = row.seq if isinstance(row, VerifyRow) else row
+        _, seq_tokens, seq_logprobs = grouped.setdefault(seq.seq_id, (seq, [], []))
+        seq_tokens.append(token)
+        seq_logprobs.append(logprob)
+    return list(grouped.values())

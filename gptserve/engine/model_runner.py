@@ -1,8 +1,10 @@
 """Turn a scheduled batch into tensors, run the model once, and sample.
 
-The flat batch holds the decode tokens first (one per sequence), then each prefill
-chunk. Only rows whose next token is due are projected to the vocabulary: every decode
-row, and the last row of a chunk that completes its sequence's prompt.
+The flat batch holds the decode tokens first (one per sequence), then each verify (a
+sequence's last token and its speculative guesses, engine/speculative.py), then each
+prefill chunk. Only rows whose next token is due are projected to the vocabulary: every
+decode row, every verify row, and the last row of a chunk that completes its sequence's
+prompt.
 On CUDA, decode-only steps replay a CUDA graph captured for the padded batch size.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from gptserve.engine.cuda_graphs import DecodeGraphs
 from gptserve.engine.outputs import Inspection, Logprob
+from gptserve.engine.placement import bind_device
 from gptserve.engine.sampler import Sampler, SamplerOutput
 from gptserve.engine.scheduler import ScheduledBatch
 from gptserve.engine.sequence import Sequence
@@ -30,6 +33,8 @@ class ModelRunner:
         self.pool = pool
         self.sampler = sampler
         self.device = model.device
+        bind_device(self.device)  # this thread's CUDA work (graphs, Triton launches) goes to the model's GPU
+        self.pin = self.device.type == "cuda"  # step inputs: pinned host memory, copied without a sync
         self.block_size = pool.block_size
         self.max_blocks = -(-max_model_len // pool.block_size)
         self.graphs = None
@@ -37,48 +42,71 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, pool, self.max_blocks, graph_batch_sizes)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, masks: Future | None = None) -> tuple[list[Sequence], SamplerOutput]:
-        """Run one step; return the sequences that get a token, and their tokens. `masks`:
-        the grammar masks of batch.due's rows, being filled while the model runs."""
-        if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
-            hidden = self.graphs.run(self._decode_inputs(batch.decodes))
-            rows = list(range(len(batch.decodes)))
-            sampled = list(batch.decodes)
-        else:
-            hidden, rows, sampled = self._run_eager(batch)
-        logits = self.model.logits(hidden[rows])  # (S, V)
+    def run(self, batch: ScheduledBatch, masks: Future | None = None) -> tuple[list, SamplerOutput]:
+        """Run one step; return the rows that get a token (batch.due), and their tokens.
+        `masks`: the grammar masks of those rows, being filled while the model runs."""
+        logits = self.model.logits(self.due_hidden(batch))  # (S, V)
+        sampled = batch.due
         return sampled, self.sampler(logits, sampled, None if masks is None else masks.result())
+
+    @torch.inference_mode()
+    def due_hidden(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the model over the batch; the final hidden states of batch.due's rows (S, C)."""
+        decode_only = not batch.prefills and not batch.verifies
+        if self.graphs is not None and decode_only and self.graphs.fits(len(batch.decodes)):
+            hidden = self.graphs.run(self._decode_inputs(batch.decodes))
+            return hidden[:len(batch.decodes)]
+        hidden, rows = self._run_eager(batch)
+        return hidden[rows]
 
     def _decode_inputs(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
         bs = self.block_size
         positions = [len(s) - 1 for s in seqs]
         width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])  # zero-padded
+        host = self._host
         return {
-            "input_ids": torch.tensor([s.token_ids[-1] for s in seqs]),
-            "positions": torch.tensor(positions),
-            "slot_mapping": torch.tensor([s.block_table[p // bs] * bs + p % bs
-                                          for s, p in zip(seqs, positions)]),
-            "block_tables": tables,
-            "context_lens": torch.tensor([len(s) for s in seqs]),
+            "input_ids": host([s.token_ids[-1] for s in seqs]),
+            "positions": host(positions),
+            "slot_mapping": host([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]),
+            "block_tables": host([s.block_table + [0] * (width - len(s.block_table)) for s in seqs]),  # zero-padded
+            "context_lens": host([len(s) for s in seqs]),
         }
 
+    def _host(self, data: list) -> torch.Tensor:
+        return torch.tensor(data, pin_memory=self.pin)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device; from pinned memory on CUDA, so the copy is
+        asynchronous (non_blocking from pageable memory would wait for it)."""
+        if self.pin and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
     def _run_eager(self, batch: ScheduledBatch):
-        dev, bs = self.device, self.block_size
+        bs = self.block_size
         ids, pos, slots = [], [], []
         meta = PagedMetadata(slot_mapping=None)  # filled below
         rows: list[int] = []
-        sampled: list[Sequence] = []
         if batch.decodes:
             d = self._decode_inputs(batch.decodes)
             ids.append(d["input_ids"]), pos.append(d["positions"]), slots.append(d["slot_mapping"])
             meta.num_decode = len(batch.decodes)
-            meta.decode_block_tables = d["block_tables"].to(dev, non_blocking=True)
-            meta.decode_context_lens = d["context_lens"].to(dev, non_blocking=True)
+            meta.decode_block_tables = self._to_device(d["block_tables"])
+            meta.decode_context_lens = self._to_device(d["context_lens"])
             meta.decode_max_blocks = d["block_tables"].shape[1]
             rows.extend(range(len(batch.decodes)))
-            sampled.extend(batch.decodes)
         start = len(batch.decodes)
+        for seq in batch.verifies:  # the last token and the guesses, every row due
+            n = 1 + len(seq.spec_token_ids)
+            first = len(seq) - 1
+            p = torch.arange(first, first + n)
+            table = torch.tensor(seq.block_table)
+            ids.append(torch.tensor([seq.token_ids[-1]] + seq.spec_token_ids))
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            meta.prefills.append(PrefillSpan(start, start + n, first + n, self._to_device(table)))
+            rows.extend(range(start, start + n))
+            start += n
         logprob_spans: list[tuple[Sequence, int, int]] = []
         for seq, n in batch.prefills:
             first = seq.num_computed_tokens
@@ -87,20 +115,19 @@ class ModelRunner:
             ids.append(torch.tensor(seq.token_ids[first:first + n]))
             pos.append(p)
             slots.append(table[p // bs] * bs + p % bs)
-            meta.prefills.append(PrefillSpan(start, start + n, first + n, table.to(dev, non_blocking=True)))
+            meta.prefills.append(PrefillSpan(start, start + n, first + n, self._to_device(table)))
             if seq.prompt_logprobs is not None and first < seq.num_prompt_tokens:
                 logprob_spans.append((seq, start, n))
             if seq.is_due_after(n):  # the chunk completes a sequence that generates: its next token is due
                 rows.append(start + n - 1)
-                sampled.append(seq)
             start += n
-        meta.slot_mapping = torch.cat(slots).to(dev, non_blocking=True)
-        input_ids = torch.cat(ids).to(dev, non_blocking=True)
-        positions = torch.cat(pos).to(dev, non_blocking=True)
+        meta.slot_mapping = self._to_device(torch.cat(slots))
+        input_ids = self._to_device(torch.cat(ids))
+        positions = self._to_device(torch.cat(pos))
         hidden = self.model(input_ids, positions, PagedAttention(self.pool, meta))
         for seq, s, n in logprob_spans:
             self._prompt_logprobs(seq, hidden[s:s + n], input_ids[s:s + n])
-        return hidden, rows, sampled
+        return hidden, rows
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, chunk_ids: torch.Tensor) -> None:
         """Logprob of each prompt token given what precedes it (completions' echo + logprobs),

@@ -1,7 +1,8 @@
 """What the engine hands back to its callers: per-step deltas, and the errors it raises."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from enum import Enum
 
 
@@ -63,6 +64,19 @@ class EngineStats:
     prompt_tokens: int  # counters since start
     generation_tokens: int
     sequences_finished: dict[str, int] = field(default_factory=dict)  # by finish reason, since start
+    spec_draft_tokens: dict[str, int] = field(default_factory=dict)  # speculative guesses verified, by method
+    spec_accepted_tokens: dict[str, int] = field(default_factory=dict)  # of those, guesses that stood
+
+    @classmethod
+    def merge(cls, parts: list["EngineStats"]) -> "EngineStats":
+        """Several engines' stats as one: counts added up, counts by key key by key."""
+        def total(f) -> int | dict:
+            values = [getattr(p, f.name) for p in parts]
+            if f.default_factory is dict:
+                return dict(sum((Counter(v) for v in values), Counter()))
+            return sum(values)
+
+        return cls(**{f.name: total(f) for f in fields(cls)})
 
 
 class EngineError(Exception):

@@ -1,9 +1,16 @@
 """Turn a batch of logits into next tokens, each row under its own sampling settings.
 
 Everything is one tensor operation over the batch; the only per-row Python is for rows
-with their own seed, which draw their noise from their own generator so that the same
-seed gives the same tokens whoever shares the batch. Sampling uses the exponential race
-(argmax of p / E with E ~ Exp(1)), which equals drawing from p.
+with their own seed, which draw their noise from a generator keyed by (seed, choice,
+position), so that the same seed gives the same tokens whoever shares the batch and
+whether or not the token was guessed ahead (speculative decoding verifies several
+positions of a sequence in one step). Sampling uses the exponential race (argmax of
+p / E with E ~ Exp(1)), which equals drawing from p. Which filters run is decided from
+the rows' settings in Python, so the device is not asked (no host sync) until the tokens
+are read.
+
+A row is a Sequence or a speculative VerifyRow: anything with params, index, token_ids
+and output_token_ids.
 """
 from __future__ import annotations
 
@@ -13,7 +20,9 @@ import torch
 
 from gptserve.engine.grammar import apply_grammar_mask
 from gptserve.engine.outputs import Logprob
-from gptserve.engine.sequence import Sequence
+from gptserve.engine.sequence import Sequence, VerifyRow
+
+Row = Sequence | VerifyRow
 from gptserve.model.cpu_kernels import row_argmax
 
 
@@ -29,7 +38,7 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+    def __call__(self, logits: torch.Tensor, seqs: list[Row],
                  grammar_mask: tuple[list[int], torch.Tensor] | None = None) -> SamplerOutput:
         """`grammar_mask`: the constrained rows and their packed bitmasks (engine/grammar.py)."""
         logits = logits[:, :self.vocab_size].float()  # (B, V)
@@ -49,7 +58,7 @@ class Sampler:
         return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, params))
 
     # ---- logits processing -------------------------------------------------------------
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Row]) -> torch.Tensor:
         params = [s.params for s in seqs]
         if any(p.logit_bias for p in params):
             rows, cols, vals = [], [], []
@@ -80,34 +89,35 @@ class Sampler:
             logits = torch.where(seen, penalised, logits)
         return logits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Row]) -> torch.Tensor:
         params = [s.params for s in seqs]
         dev = logits.device
         temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
         logits = logits / temp
-        top_k = torch.tensor([p.top_k for p in params], device=dev)
-        if bool((top_k > 0).any()):
-            k = torch.where(top_k > 0, top_k, 1).clamp(max=self.vocab_size)
-            kmax = int(k.max())
-            kth = logits.topk(kmax, dim=-1).values.gather(1, (k.clamp(max=kmax) - 1)[:, None])
-            kth = torch.where((top_k > 0)[:, None], kth, float("-inf"))
+        top_ks = [min(p.top_k, self.vocab_size) if p.top_k > 0 else 0 for p in params]
+        if any(top_ks):
+            kmax = max(top_ks)
+            k = torch.tensor([t or 1 for t in top_ks], device=dev)
+            kth = logits.topk(kmax, dim=-1).values.gather(1, (k - 1)[:, None])
+            kth = kth.masked_fill(torch.tensor([t == 0 for t in top_ks], device=dev)[:, None], float("-inf"))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
-        top_p = torch.tensor([p.top_p for p in params], device=dev)
-        if bool((top_p < 1.0).any()):
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=dev)
             sorted_p, idx = probs.sort(dim=-1, descending=True)
             before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly better tokens
             drop_sorted = before >= top_p[:, None]
             drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
-        min_p = torch.tensor([p.min_p for p in params], device=dev)
-        if bool((min_p > 0).any()):
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev)
             floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
             probs = probs.masked_fill(probs < floor, 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, seq in enumerate(seqs):
-            if seq.generator is not None:  # its own stream, independent of the batch
-                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(dev)
+        for i, row in enumerate(seqs):
+            if row.params.seed is not None:  # its own noise, independent of the batch
+                g = torch.Generator().manual_seed(seeded_noise_key(row.params.seed, row.index, len(row.token_ids)))
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=g).to(dev)
         return argmax(probs / noise)
 
     @staticmethod
@@ -128,6 +138,11 @@ class Sampler:
             top = list(zip(top_ids[i][:n], top_vals[i][:n])) if n else []
             out.append(Logprob(tokens[i], chosen[i], top))
         return out
+
+
+def seeded_noise_key(seed: int, index: int, position: int) -> int:
+    """The generator seed of a seeded request's choice `index` at token `position`."""
+    return hash((seed, index, position)) & 0x7FFF_FFFF_FFFF_FFFF  # ints hash the same in every process
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Every step: each running sequence that is decoding gets one token; sequences still
 prefilling get a chunk; then waiting sequences are admitted, oldest first, while they
-fit in free KV blocks, the token budget and max_num_seqs. When a decode has no room to
+fit in free KV blocks, the token budget and max_num_seqs. Last, decodes that carry
+speculative guesses (engine/speculative.py) get rows for them out of what budget and
+blocks are left, and become verifies. When a decode has no room to
 grow, the newest running sequence is preempted: its blocks are freed and it goes back
 to the front of the queue, to be recomputed later.
 """
@@ -10,21 +12,27 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from gptserve.engine.block_manager import BlockManager
-from gptserve.engine.sequence import Sequence, SequenceStatus
+from gptserve.engine.sequence import Sequence, SequenceStatus, VerifyRow
 
 
 @dataclass
 class ScheduledBatch:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, chunk length)
+    verifies: list[Sequence] = field(default_factory=list)  # decodes with speculative guesses
 
-    @property
-    def due(self) -> list[Sequence]:
-        """The sequences whose next token this step samples, in the batch's row order:
-        every decode, and each prefill whose chunk completes its sequence."""
-        return self.decodes + [seq for seq, n in self.prefills if seq.is_due_after(n)]
+    @cached_property
+    def due(self) -> list[Sequence | VerifyRow]:
+        """The rows whose next token this step samples, in the batch's row order: every
+        decode, every row of each verify (its last token and each guess), and each
+        prefill whose chunk completes its sequence."""
+        rows: list[Sequence | VerifyRow] = list(self.decodes)
+        for seq in self.verifies:
+            rows.extend(VerifyRow.rows_of(seq))
+        return rows + [seq for seq, n in self.prefills if seq.is_due_after(n)]
 
     @property
     def scored(self) -> list[Sequence]:
@@ -34,10 +42,11 @@ class ScheduledBatch:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return (len(self.decodes) + sum(1 + len(s.spec_token_ids) for s in self.verifies)
+                + sum(n for _, n in self.prefills))
 
     def __bool__(self) -> bool:
-        return bool(self.decodes or self.prefills)
+        return bool(self.decodes or self.verifies or self.prefills)
 
 
 class Scheduler:
@@ -93,11 +102,29 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             batch.prefills.append((seq, n))
             budget -= n
+        # 4. speculative guesses of the decodes take what budget and blocks are left: a guess
+        #    never holds back a prefill or an admission, nor preempts anyone
+        if any(seq.spec_token_ids for seq in batch.decodes):
+            self._schedule_guesses(batch, budget)
         return batch
+
+    def _schedule_guesses(self, batch: ScheduledBatch, budget: int) -> None:
+        decodes, batch.decodes = batch.decodes, []
+        for seq in decodes:
+            k = min(len(seq.spec_token_ids), max(budget, 0))
+            if k and self.block_manager.can_append(seq, k):
+                del seq.spec_token_ids[k:], seq.spec_matchers[k + 1:]
+                self.block_manager.append_slots(seq, k)
+                batch.verifies.append(seq)
+                budget -= k
+            else:
+                seq.spec_token_ids, seq.spec_matchers = [], []
+                batch.decodes.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
+        seq.spec_token_ids, seq.spec_matchers = [], []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

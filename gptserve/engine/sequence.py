@@ -4,8 +4,6 @@ from __future__ import annotations
 import itertools
 from enum import Enum, auto
 
-import torch
-
 from gptserve.engine.detokenizer import StreamDetokenizer
 from gptserve.engine.outputs import FinishReason, Logprob
 from gptserve.engine.sampling_params import SamplingParams
@@ -39,9 +37,10 @@ class Sequence:
         self.finish_sent = False  # the finish reason has gone out in a delta
         self.detokenizer = detokenizer
         self.matcher = None  # llguidance.LLMatcher of the request's grammar (engine/grammar.py), if any
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + index)
+        # speculative decoding (engine/speculative.py): this step's guesses of the next tokens,
+        # and with a grammar, the matcher after each accepted guess (index 0 is `matcher`)
+        self.spec_token_ids: list[int] = []
+        self.spec_matchers: list = []
         # news since the last output was sent
         self.new_token_ids: list[int] = []
         self.new_text = ""
@@ -88,3 +87,31 @@ class Sequence:
         news = self.new_token_ids, self.new_text, self.new_logprobs
         self.new_token_ids, self.new_text, self.new_logprobs = [], "", []
         return news
+
+
+class VerifyRow:
+    """Row j of a sequence whose guesses are being verified: the sequence as if its first j
+    guesses were accepted. The sampler reads it as it reads a Sequence."""
+
+    __slots__ = ("seq", "token_ids", "matcher")
+
+    def __init__(self, seq: Sequence, j: int):
+        self.seq = seq
+        self.token_ids = seq.token_ids + seq.spec_token_ids[:j]
+        self.matcher = seq.spec_matchers[j] if seq.matcher is not None else None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.seq.params
+
+    @property
+    def index(self) -> int:
+        return self.seq.index
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.seq.num_prompt_tokens:]
+
+    @staticmethod
+    def rows_of(seq: Sequence) -> list["VerifyRow"]:
+        return [VerifyRow(seq, j) for j in range(len(seq.spec_token_ids) + 1)]

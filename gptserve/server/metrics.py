@@ -63,11 +63,42 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("gptserve_prefix_cache_hit_rate",
                                 "Share of looked-up prompt tokens found in the prefix cache, since start.",
                                 value=hit_rate)
+        # The queue depth and KV-cache use an endpoint picker reads from each server (the Gateway API
+        # Inference Extension, llm-d), under the names of the extension's model-server protocol:
+        # TotalQueuedRequests, TotalRunningRequests and KVCacheUtilization (a fraction, 1 is full) are
+        # vllm:num_requests_waiting, vllm:num_requests_running and vllm:kv_cache_usage_perc in
+        # kubernetes-sigs/gateway-api-inference-extension, docs/proposals/003-model-server-protocol.
+        kv_usage = stats.kv_blocks_used / stats.kv_blocks_total if stats and stats.kv_blocks_total else 0.0
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (the model-server protocol's "
+                                "TotalQueuedRequests).", value=float(stats.num_requests_waiting) if stats else 0.0)
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (the model-server protocol's "
+                                "TotalRunningRequests).", value=float(stats.num_requests_running) if stats else 0.0)
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache in use, 1 is full (the model-server "
+                                "protocol's KVCacheUtilization).", value=kv_usage)
         finished = CounterMetricFamily("gptserve_sequences_finished", "Choices (sequences) finished, by reason.",
                                        labels=["finish_reason"])
         for reason, count in sorted((stats.sequences_finished if stats else {}).items()):
             finished.add_metric([reason], float(count))
         yield finished
+        yield from EngineCollector._speculation(stats)
+
+    @staticmethod
+    def _speculation(stats: "EngineStats | None") -> Iterator[Metric]:
+        """Speculative decoding, by method: guesses verified, guesses that stood, their ratio."""
+        drafted = stats.spec_draft_tokens if stats else {}
+        accepted = stats.spec_accepted_tokens if stats else {}
+        draft_family = CounterMetricFamily("gptserve_spec_decode_num_draft_tokens",
+                                           "Speculative guesses verified by the model.", labels=["method"])
+        accepted_family = CounterMetricFamily("gptserve_spec_decode_num_accepted_tokens",
+                                              "Speculative guesses that the model's own tokens confirmed.",
+                                              labels=["method"])
+        rate_family = GaugeMetricFamily("gptserve_spec_decode_acceptance_rate",
+                                        "Share of verified guesses accepted, since start.", labels=["method"])
+        for method in sorted(drafted):
+            draft_family.add_metric([method], float(drafted[method]))
+            accepted_family.add_metric([method], float(accepted.get(method, 0)))
+            rate_family.add_metric([method], accepted.get(method, 0) / drafted[method] if drafted[method] else 0.0)
+        yield from (draft_family, accepted_family, rate_family)
 
 
 class ServerMetrics:

@@ -24,6 +24,7 @@ from gptserve.model.gpt2 import GPT2
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_DRAFT_DIR = Path(__file__).parent / "default_draft"  # its speculative-decoding draft
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptserve.config import EngineConfig
+from gptserve.config import EngineConfig, SpeculativeConfig
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.model.attention import DenseAttention
 from gptserve.model.gpt2 import GPT2
@@ -12,14 +12,33 @@ from gptserve.model.gpt2 import GPT2
 NEAR_TIE = 1e-4  # batched float rounding may flip only a genuine near-tie
 
 
+@pytest.fixture(scope="session")
+def tiny_draft_checkpoint(make_checkpoint):
+    """A draft for the tiny checkpoint: its first layer alone (same seed, so the same
+    embeddings and first block), so its greedy guesses are right some of the time."""
+    return make_checkpoint(seed=0, n_layer=1)
+
+
+@pytest.fixture(params=["plain", "ngram", "draft"])
+def speculation(request, tiny_draft_checkpoint) -> SpeculativeConfig | None:
+    """Every engine test runs without speculative decoding and with each method, guessing
+    in batches of any size, and must pass the same."""
+    if request.param == "plain":
+        return None
+    return SpeculativeConfig(request.param, num_speculative_tokens=3, draft_model=str(tiny_draft_checkpoint),
+                             max_batch=1024)
+
+
 @pytest.fixture
-def make_engine(tiny_checkpoint):
-    """Build an engine on the tiny checkpoint; checks that every block is free afterwards."""
+def make_engine(tiny_checkpoint, speculation):
+    """Build an engine on the tiny checkpoint; checks that every block is free afterwards
+    (the draft's too)."""
     engines: list[LLMEngine] = []
 
     def make(**overrides) -> LLMEngine:
         # float32 unless a test asks: the references are the plain float32 model
-        cfg = EngineConfig(**{"kv_cache_memory": 4 * 2**20, "dtype": "float32", **overrides})
+        cfg = EngineConfig(**{"kv_cache_memory": 4 * 2**20, "dtype": "float32", "speculative": speculation,
+                              **overrides})
         engine = LLMEngine(str(tiny_checkpoint), cfg)
         engines.append(engine)
         return engine
@@ -28,6 +47,8 @@ def make_engine(tiny_checkpoint):
     for engine in engines:
         assert not engine.has_unfinished()
         assert engine.block_manager.num_used_blocks == 0, "KV blocks leaked"
+        if engine.proposer is not None and hasattr(engine.proposer, "block_manager"):
+            assert engine.proposer.block_manager.num_used_blocks == 0, "draft KV blocks leaked"
 
 
 def greedy_alone(model: GPT2, prompt: list[int], n: int) -> tuple[list[int], list[float], list[float]]:

@@ -100,7 +100,13 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours():
 
     def draws(sampler: Sampler, batch: list[Sequence], row: int, steps: int = 60) -> list[int]:
         rows = logits[2:3] if len(batch) == 1 else logits
-        return [sampler(rows, batch).token_ids[row] for _ in range(steps)]
+        out = []
+        for _ in range(steps):  # each step samples the next position, as decoding does
+            tokens = sampler(rows, batch).token_ids
+            for seq, token in zip(batch, tokens):
+                seq.token_ids.append(token)
+            out.append(tokens[row])
+        return out
 
     p = SamplingParams(temperature=1.0, seed=42)
     alone = draws(Sampler(V, cpu, seed=1), seqs(p), 0)

@@ -35,6 +35,15 @@ def test_metrics_expose_engine_and_latency_series(http: httpx.Client):
     assert metric(text, "gptserve_generation_tokens_total") >= 3
 
 
+def test_metrics_carry_the_gateway_inference_extension_gauges(http: httpx.Client):
+    """An endpoint picker (Gateway API Inference Extension, llm-d) reads these by vLLM's names."""
+    text = http.get("/metrics").text
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running"):
+        assert f"# TYPE {name} gauge" in text and metric(text, name) >= 0
+    usage = metric(text, "vllm:kv_cache_usage_perc")
+    assert usage == metric(text, "gptserve_kv_blocks_used") / metric(text, "gptserve_kv_blocks_total")
+
+
 def metric(text: str, name: str) -> float:
     """The value of an unlabelled series in Prometheus' text format."""
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
