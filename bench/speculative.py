@@ -79,10 +79,10 @@ def copy_prompts() -> list[str]:
     return [f"{text}\n\n{' '.join(text.split()[:6])}" for text in COPY]
 
 
-def run_load(port: int, dataset: Path, concurrency: int, num_requests: int, label: str) -> dict:
+def run_load(port: int, dataset: Path, concurrency: int, num_requests: int, label: str, temperature: float) -> dict:
     return serve_bench.main(["--base-url", f"http://127.0.0.1:{port}", "--dataset", str(dataset),
                              "--concurrency", str(concurrency), "--num-requests", str(num_requests),
-                             "--temperature", "0", "--disable-tqdm", "--label", label, "--warmup", "1"])
+                             "--temperature", str(temperature), "--disable-tqdm", "--label", label, "--warmup", "1"])
 
 
 def spec_counters(port: int) -> dict:
@@ -104,16 +104,16 @@ def run_config(name: str, args: argparse.Namespace, files: dict[str, Path], log_
     result = {"command": " ".join(cmd[1:]), "runs": {}}
     with Server(peer, log_dir / f"{name}.log") as server:
         server.wait_ready(300)
-        if name in C1_CONFIGS:
+        if name in C1_CONFIGS and not args.no_c1:
             for workload in ("held-out", "copy"):
                 before = spec_counters(port)
-                summary = run_load(port, files[workload], 1, args.c1_requests, f"{name} {workload}")
+                summary = run_load(port, files[workload], 1, args.c1_requests, f"{name} {workload}", args.temperature)
                 after = spec_counters(port)
                 summary["spec"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
                 result["runs"][f"{workload} c=1"] = summary
         for c in args.load_levels:
             result["runs"][f"held-out c={c}"] = run_load(port, files["held-out"], c, args.load_requests_per_stream * c,
-                                                         f"{name} c={c}")
+                                                         f"{name} c={c}", args.temperature)
     return result
 
 
@@ -129,16 +129,17 @@ def median_of(rounds: list[dict], name: str, run: str, key: str) -> float | None
 
 
 def report(rounds: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"Bundled model, greedy, {args.output_len} output tokens, CPU with {args.threads} threads, "
+    sampling = "greedy" if not args.temperature else f"temperature {args.temperature}"
+    lines = [f"Bundled model, {sampling}, {args.output_len} output tokens, CPU with {args.threads} threads, "
              f"median of {len(rounds)} rounds (servers alternate within a round).", ""]
     lines += ["TPOT: time per output token after the first. A stream's events may carry several tokens "
               "when guesses stand, so the gap between events (ITL) is reported at p99 too.", "",
               "| workload | server | output tok/s | ratio to plain | TPOT mean ms | ITL p99 ms | guesses accepted |",
               "|---|---|---|---|---|---|---|"]
-    for workload in ("held-out", "copy"):
+    for workload in ("held-out", "copy") if not args.no_c1 else ():
         run = f"{workload} c=1"
         base = median_of(rounds, "plain", run, "output_throughput")
-        for name in C1_CONFIGS:
+        for name in [n for n in C1_CONFIGS if n in args.configs]:
             tps = median_of(rounds, name, run, "output_throughput")
             itl = median_of(rounds, name, run, "tpot_ms.mean")
             p99 = median_of(rounds, name, run, "itl_ms.p99")
@@ -146,15 +147,15 @@ def report(rounds: list[dict], args: argparse.Namespace) -> str:
             drafted, accepted = spec.get("num_draft_tokens", 0), spec.get("num_accepted_tokens", 0)
             rate = f"{accepted / drafted:.0%} of {drafted:.0f}" if drafted else "-"
             lines.append(f"| {workload}, c=1 | {name} | {tps:.1f} | {tps / base:.2f}x | {itl:.2f} | {p99:.2f} | {rate} |")
-    lines += ["", "| concurrency | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
+    lines += ["", "| concurrency | " + " | ".join(args.configs) + " |", "|---|" + "---|" * len(args.configs)]
     for c in args.load_levels:
         run = f"held-out c={c}"
         base = median_of(rounds, "plain", run, "output_throughput")
         cells = [f"{median_of(rounds, n, run, 'output_throughput'):.0f} tok/s "
-                 f"({median_of(rounds, n, run, 'output_throughput') / base:.2f}x)" for n in CONFIGS]
+                 f"({median_of(rounds, n, run, 'output_throughput') / base:.2f}x)" for n in args.configs]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", "Commands (`python -m gptserve.cli ...`):", ""]
-    lines += [f"- {name}: `{rounds[0][name]['command']}`" for name in CONFIGS]
+    lines += [f"- {name}: `{rounds[0][name]['command']}`" for name in args.configs]
     return "\n".join(lines) + "\n"
 
 
@@ -164,9 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--c1-requests", type=int, default=8)
     p.add_argument("--load-levels", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--load-requests-per-stream", type=int, default=3)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="the servers to run (plain is the baseline of every ratio)")
+    p.add_argument("--no-c1", action="store_true", help="only the load levels")
     p.add_argument("--quick", action="store_true", help="1 round, 64-token outputs, fewer requests")
     args = p.parse_args(argv)
     if args.quick:
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                  "copy": workload_file(folder, "copy", copy_prompts(), args.output_len)}
         rounds = []
         for i in range(args.rounds):
-            rounds.append({name: run_config(name, args, files, folder / f"round{i}") for name in CONFIGS})
+            rounds.append({name: run_config(name, args, files, folder / f"round{i}") for name in args.configs})
             print(f"round {i + 1}/{args.rounds} done", flush=True)
     table = report(rounds, args)
     print(table)

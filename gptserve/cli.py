@@ -39,6 +39,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                            "(default: the draft bundled with the default model)")
     spec.add_argument("--speculative-max-batch", type=int, default=d.max_batch,
                       help="speculate only in steps with at most this many decoding sequences")
+    spec.add_argument("--speculative-min-acceptance", type=float, default=d.min_acceptance,
+                      help="a sequence whose guesses stand less often than this stops guessing for a while")
 
 
 def _serving_engine_args(p: argparse.ArgumentParser) -> None:
@@ -66,9 +68,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
     cfg = EngineConfig(device=args.device, dtype=args.dtype, quantization=args.quantization)
     if args.speculative_method:
-        cfg.speculative = SpeculativeConfig(
-            args.speculative_method, args.num_speculative_tokens, args.ngram_min, args.ngram_max,
-            args.draft_model, args.speculative_max_batch)
+        try:
+            cfg.speculative = SpeculativeConfig(
+                args.speculative_method, args.num_speculative_tokens, args.ngram_min, args.ngram_max,
+                args.draft_model, args.speculative_max_batch, args.speculative_min_acceptance)
+        except ValueError as e:
+            print(f"gptserve: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     if hasattr(args, "max_num_seqs"):
         cfg.kv_cache_memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
         cfg.gpu_memory_utilization = args.gpu_memory_utilization

@@ -85,11 +85,12 @@ class SpeculativeConfig:
     verify them in one pass of the model (engine/speculative.py)."""
 
     method: str  # "ngram" (prompt lookup) or "draft" (a small model of the same vocabulary)
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 3  # a verify of 4 rows stays on the CPU's few-rows kernel (FEW_ROWS)
     ngram_min: int = 1  # shortest suffix that may match
     ngram_max: int = 4  # longest suffix tried first
     draft_model: str | None = None  # "draft": a path or hub id; None: the bundled draft
-    max_batch: int = 4  # more decoding sequences than this in a step: no speculation
+    max_batch: int = 64  # more decoding sequences than this in a step: no speculation
+    min_acceptance: float = 0.5  # a sequence whose guesses stand less often backs off (see speculative.py)
 
     def __post_init__(self):
         if self.method not in ("ngram", "draft"):
@@ -98,6 +99,8 @@ class SpeculativeConfig:
             raise ValueError("num_speculative_tokens must be at least 1")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("need 1 <= ngram_min <= ngram_max")
+        if not 0.0 <= self.min_acceptance <= 1.0:
+            raise ValueError("min_acceptance must be between 0 and 1")
 
 
 @dataclass

@@ -47,3 +47,29 @@ def test_a_missing_model_folder_exits_2_with_a_one_line_error(capsys, tmp_path, 
     assert err.count("\n") == 1 and err.startswith("gptserve: error: ")
     assert "does not exist" in err and missing in err
     assert "Traceback" not in err
+
+
+def test_speculative_flags_make_the_engines_speculative_config():
+    from gptserve.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["serve", "--speculative-method", "ngram", "--num-speculative-tokens", "5",
+                                      "--ngram-min", "2", "--ngram-max", "3", "--speculative-max-batch", "8"])
+    spec = engine_config(args).speculative
+    assert (spec.method, spec.num_speculative_tokens, spec.ngram_min, spec.ngram_max, spec.max_batch) == (
+        "ngram", 5, 2, 3, 8)
+    assert engine_config(build_parser().parse_args(["serve"])).speculative is None
+
+
+def test_a_bad_speculative_setting_exits_2_with_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "x", "--speculative-method", "ngram", "--num-speculative-tokens", "0"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "gptserve: error: num_speculative_tokens must be at least 1\n"
+
+
+def test_a_draft_with_another_vocabulary_is_refused(capsys, tiny_checkpoint, make_checkpoint):
+    other = make_checkpoint(vocab_size=1000)
+    code = main(["generate", "hello", "--model", str(tiny_checkpoint), "--max-tokens", "2",
+                 "--speculative-method", "draft", "--draft-model", str(other)])
+    assert code == 2
+    assert "vocabulary" in capsys.readouterr().err

@@ -187,7 +187,10 @@ class LLMEngine:
         that verifying guesses costs more than the steps they save."""
         spec = self.config.speculative
         decoding = [s for s in self.scheduler.running if s.status is SequenceStatus.RUNNING and not s.is_prefill]
-        if not decoding or len(decoding) > spec.max_batch:
+        if len(decoding) > spec.max_batch:
+            return
+        decoding = [s for s in decoding if s.spec_backoff.ready()]
+        if not decoding:
             return
         room = [(seq, self._guess_room(seq, spec.num_speculative_tokens)) for seq in decoding]
         room = [(seq, k) for seq, k in room if k > 0]
@@ -227,6 +230,7 @@ class LLMEngine:
         if guesses:
             accepted = accepted_count(guesses, tokens)
             self.spec_stats.record(self.proposer.method, len(guesses), accepted)
+            seq.spec_backoff.record(len(guesses), accepted, self.config.speculative.min_acceptance)
             tokens, logprobs = tokens[:accepted + 1], logprobs[:accepted + 1]
             seq.spec_token_ids, seq.spec_matchers = [], []
         for token, logprob in zip(tokens, logprobs):

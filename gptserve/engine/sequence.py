@@ -11,6 +11,35 @@ from gptserve.engine.sampling_params import SamplingParams
 _seq_ids = itertools.count()
 
 
+class SpeculationBackoff:
+    """Whether guessing pays for this sequence: the share of its guesses that stood, as a
+    moving average; below the threshold it stops guessing for 1, 2, 4, ... 64 steps, then
+    tries again (speculative decoding, engine/speculative.py)."""
+
+    __slots__ = ("acceptance", "skip", "wait")
+    MAX_WAIT = 64
+
+    def __init__(self):
+        self.acceptance = 1.0  # optimistic until guesses are checked
+        self.skip = 0  # steps left without guessing
+        self.wait = 1  # the next back-off's length
+
+    def ready(self) -> bool:
+        """Whether to guess this step (counts a skipped step down)."""
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def record(self, proposed: int, accepted: int, threshold: float) -> None:
+        self.acceptance = 0.5 * self.acceptance + 0.5 * accepted / proposed
+        if self.acceptance >= threshold:
+            self.wait = 1
+            return
+        self.skip, self.wait = self.wait, min(2 * self.wait, self.MAX_WAIT)
+        self.acceptance = threshold  # one good verify after the pause brings it back
+
+
 class SequenceStatus(Enum):
     WAITING = auto()  # no blocks; queued for (re)admission
     RUNNING = auto()  # owns blocks; prefilling or decoding
@@ -41,6 +70,7 @@ class Sequence:
         # and with a grammar, the matcher after each accepted guess (index 0 is `matcher`)
         self.spec_token_ids: list[int] = []
         self.spec_matchers: list = []
+        self.spec_backoff = SpeculationBackoff()
         # news since the last output was sent
         self.new_token_ids: list[int] = []
         self.new_text = ""

@@ -33,6 +33,7 @@ import torch
 from gptserve.config import ModelConfig, SpeculativeConfig
 from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.model_runner import ModelRunner
+from gptserve.engine.outputs import EngineError
 from gptserve.engine.sampler import Sampler
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.scheduler import ScheduledBatch
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 # beside a draft checkpoint, optional: {"token_ids": [...]}, the only tokens it may guess
 # (those of its training corpus; scripts/train_default_model.py writes it)
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+class SpeculativeError(EngineError, ValueError):
+    """A draft model that can't draft for this model."""
 
 
 def accepted_count(guesses: list[int], tokens: list[int]) -> int:
@@ -109,7 +114,7 @@ class DraftProposer:
                  draft_vocab: list[int] | None = None):
         mc = model.config
         if mc.vocab_size != target.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({mc.vocab_size} tokens) is not the target's "
+            raise SpeculativeError(f"the draft model's vocabulary ({mc.vocab_size} tokens) is not the target's "
                              f"({target.vocab_size})")
         self.model = model
         self.max_len = min(mc.n_positions, max_model_len)
