@@ -99,7 +99,7 @@ def spec_counters(port: int) -> dict:
 def run_config(name: str, args: argparse.Namespace, files: dict[str, Path], log_dir: Path) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--device", "cpu", "--max-num-seqs", "64",
-           "--host", "127.0.0.1", "--port", str(port), *CONFIGS[name]]
+           "--host", "127.0.0.1", "--port", str(port), *CONFIGS[name], *args.server_args.split()]
     peer = Peer(name, "gptserve", cmd, port, {"OMP_NUM_THREADS": str(args.threads)})
     result = {"command": " ".join(cmd[1:]), "runs": {}}
     with Server(peer, log_dir / f"{name}.log") as server:
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                    help="the servers to run (plain is the baseline of every ratio)")
     p.add_argument("--no-c1", action="store_true", help="only the load levels")
+    p.add_argument("--server-args", default="", help="more flags for every server, e.g. \"--model gpt2-xl "
+                   "--device cuda --draft-model distilgpt2\" (the last flag wins)")
     p.add_argument("--quick", action="store_true", help="1 round, 64-token outputs, fewer requests")
     args = p.parse_args(argv)
     if args.quick:

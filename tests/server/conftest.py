@@ -61,8 +61,9 @@ class RunningServer:
         assert not self.thread.is_alive(), "server did not stop"
 
 
-def start_server(model_dir: Path, **server_settings) -> RunningServer:
-    engine_config = EngineConfig(device="cpu", dtype="float32", kv_cache_memory=8 * 2**20, enforce_eager=True)
+def start_server(model_dir: Path, engine_settings: dict | None = None, **server_settings) -> RunningServer:
+    engine_config = EngineConfig(**{"device": "cpu", "dtype": "float32", "kv_cache_memory": 8 * 2**20,
+                                    "enforce_eager": True, **(engine_settings or {})})
     # stored responses go to a fresh directory, never the user's own state directory
     server_settings.setdefault("state_dir", tempfile.mkdtemp(prefix="gptserve-state-"))
     server_config = dataclasses.replace(ServerConfig(port=0, served_model_name=MODEL_NAME), **server_settings)

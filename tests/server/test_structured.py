@@ -185,7 +185,7 @@ def test_a_named_tool_choice_calls_that_tool(client: openai.OpenAI):
 def test_parallel_calls_are_each_valid(client: openai.OpenAI):
     """<|endoftext|> banned, so the model can only go on calling until max_tokens cuts it."""
     reply = client.chat.completions.create(
-        model="tiny-gpt2", messages=[{"role": "user", "content": "Weather and time?"}], max_tokens=60,
+        model="tiny-gpt2", messages=[{"role": "user", "content": "Weather and time?"}], max_tokens=120,
         seed=0, tools=[TIME], tool_choice="required", logit_bias={"50256": -100})
     calls = reply.choices[0].message.tool_calls or []
     assert reply.choices[0].finish_reason == "length" and len(calls) >= 2
