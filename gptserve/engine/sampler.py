@@ -1,13 +1,15 @@
 """Turn a batch of logits into next tokens, each row under its own sampling settings.
 
 Everything is one tensor operation over the batch; the only per-row Python is for rows
-with their own seed, which draw their noise from a generator keyed by (seed, choice,
-position), so that the same seed gives the same tokens whoever shares the batch and
-whether or not the token was guessed ahead (speculative decoding verifies several
-positions of a sequence in one step). Sampling uses the exponential race (argmax of
-p / E with E ~ Exp(1)), which equals drawing from p. Which filters run is decided from
-the rows' settings in Python, so the device is not asked (no host sync) until the tokens
-are read.
+with their own seed, which draw from a generator keyed by (seed, choice, position), so
+that the same seed gives the same tokens whoever shares the batch and whether or not the
+token was guessed ahead (speculative decoding verifies several positions of a sequence in
+one step). Sampling draws one uniform number per row and takes the token where it falls
+in the row's cumulative distribution (summed in float64, so rounding moves no probability
+that matters; a token of probability 0 is never taken): one random number a row, where
+noise over the whole vocabulary cost milliseconds a row on a CPU. Which filters run is
+decided from the rows' settings in Python, so the device is not asked (no host sync) until
+the tokens are read.
 
 A row is a Sequence or a speculative VerifyRow: anything with params, index, token_ids
 and output_token_ids.
@@ -113,12 +115,14 @@ class Sampler:
             min_p = torch.tensor([p.min_p for p in params], device=dev)
             floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
             probs = probs.masked_fill(probs < floor, 0.0)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        u = torch.rand(len(seqs), 1, dtype=torch.float64, generator=self.generator, device=dev)
         for i, row in enumerate(seqs):
-            if row.params.seed is not None:  # its own noise, independent of the batch
+            if row.params.seed is not None:  # its own draw, independent of the batch
                 g = torch.Generator().manual_seed(seeded_noise_key(row.params.seed, row.index, len(row.token_ids)))
-                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=g).to(dev)
-        return argmax(probs / noise)
+                u[i] = torch.rand(1, dtype=torch.float64, generator=g).to(dev)
+        cdf = probs.double().cumsum(dim=-1)  # (B, V); the filters above left the rows unnormalised
+        # 1 - u is in (0, 1]: the first token whose cumulative mass reaches it has mass of its own
+        return torch.searchsorted(cdf, (1.0 - u) * cdf[:, -1:]).squeeze(1)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor | None, tokens: list[int], params) -> list[Logprob | None]:

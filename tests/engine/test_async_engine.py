@@ -176,7 +176,7 @@ async def test_a_request_racing_the_loops_death_is_told_the_engine_died(tiny_che
 
     kill = asyncio.create_task(racer())
     with pytest.raises(EngineDeadError):
-        await asyncio.wait_for(collect(eng, [4, 5], SamplingParams(max_tokens=4), "late"), timeout=10)
+        await asyncio.wait_for(collect(eng, [4, 5], SamplingParams(max_tokens=200, ignore_eos=True), "late"), timeout=10)
     await kill
     with pytest.raises(EngineDeadError):
         await busy
