@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speculative.md").write_text(table)
     (args.out / "speculative.json").write_text(json.dumps(
-        {"machine": platform.processor() or platform.machine(), "args": {k: str(v) for k, v in vars(args).items()},
+        {"machine": platform.processor() or platform.machine(),
+         "args": {k: str(v) for k, v in vars(args).items() if k != "out"},
          "rounds": rounds}, indent=1) + "\n")
     print(f"wrote {args.out / 'speculative.md'} and speculative.json", file=sys.stderr)
 
