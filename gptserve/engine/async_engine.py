@@ -28,7 +28,6 @@ from gptserve.config import EngineConfig
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.outputs import (EngineDeadError, EngineStats, Inspection, RequestFailedError,
                                      RequestOutput)
-from gptserve.engine.placement import bind_device, resolve_device
 from gptserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,9 +52,7 @@ class AsyncEngine:
         self._go = threading.Event()
         self._build_error: BaseException | None = None
         build = (lambda: engine) if engine is not None else (lambda: LLMEngine(model, config))
-        device = None if engine is not None else (config or EngineConfig()).device
-        self._thread = threading.Thread(target=self._main, args=(build, device), name="gptserve-engine",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(build,), name="gptserve-engine", daemon=True)
         self._thread.start()
         self._built.wait()
         if self._build_error is not None:
@@ -145,11 +142,9 @@ class AsyncEngine:
         self._wake.set()
 
     # ---- the engine thread ---------------------------------------------------------------
-    def _main(self, build: Callable[[], LLMEngine], device: str | None) -> None:
+    def _main(self, build: Callable[[], LLMEngine]) -> None:
         try:
-            if device is not None:  # before any CUDA work on this thread: it all goes to that GPU
-                bind_device(resolve_device(device))
-            self.engine = build()
+            self.engine = build()  # LLMEngine binds this thread to its GPU before any CUDA work
         except BaseException as e:  # noqa: BLE001 - raised again by __init__, on the caller's thread
             self._build_error = e
             return

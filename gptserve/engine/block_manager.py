@@ -113,12 +113,7 @@ class BlockManager:
         """Give back the blocks past seq's tokens (those reserved for guesses that did not
         stand); they hold nothing reusable."""
         while len(seq.block_table) > self.blocks_needed(len(seq)):
-            block_id = seq.block_table.pop()
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-                self.free.move_to_end(block_id, last=False)
+            self._release(seq.block_table.pop())
 
     def commit_computed(self, seq: Sequence) -> None:
         """Register seq's blocks that became full in the prefix cache."""
@@ -140,11 +135,15 @@ class BlockManager:
     # ---- release -------------------------------------------------------------------
     def free_seq(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):  # tail blocks are evicted before heads
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-                if block.hash is None:  # holds nothing reusable: hand it out first
-                    self.free.move_to_end(block_id, last=False)
+            self._release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+
+    def _release(self, block_id: int) -> None:
+        """One reference fewer; at none the block is free (first in line if it holds nothing reusable)."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+            if block.hash is None:
+                self.free.move_to_end(block_id, last=False)

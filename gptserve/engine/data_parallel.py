@@ -127,4 +127,3 @@ def build_engine(model: str | None, config: EngineConfig) -> AsyncEngine | DataP
     if config.data_parallel_size > 1:
         return DataParallelEngine(model, config)
     return AsyncEngine(model, config)
-

@@ -99,13 +99,12 @@ class EngineProcess:
 
 
 def _serve(conn: Connection, model: str | None, config: EngineConfig, log_level: int) -> None:
-    """The child: bind the device, build the engine, then answer calls until told to stop."""
+    """The child: build the engine (which binds this process to its GPU first), then answer
+    calls until told to stop."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [{config.device}] %(name)s: %(message)s")
     from gptserve.engine.llm_engine import LLMEngine
-    from gptserve.engine.placement import bind_device, resolve_device
 
     try:
-        bind_device(resolve_device(config.device))  # before any CUDA work in this process
         engine = LLMEngine(model, config)
     except BaseException as e:  # noqa: BLE001 - raised again in the parent, by wait_ready
         conn.send(("error", _portable(e)))

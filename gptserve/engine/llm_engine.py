@@ -52,7 +52,7 @@ class LLMEngine:
                  loaded: tuple[GPT2, Tokenizer] | None = None):
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.device)
-        bind_device(self.device)  # this thread's CUDA work goes to our GPU, before any of it
+        bind_device(self.device)  # this thread's CUDA work (load, graphs, Triton) goes to our GPU: bind first
         self.precision = resolve_precision(config.dtype, config.quantization, self.device)
         self.dtype = self.precision.compute
         if loaded is None:
@@ -150,7 +150,7 @@ class LLMEngine:
             log.exception("model step failed; failing the %d requests in it", batch.num_tokens)
             reqs = {s.request_id for s in batch.decodes + batch.verifies} | {s.request_id for s, _ in batch.prefills}
             return [self._fail(rid, f"model step failed: {e!r}") for rid in reqs]
-        for seq, n in [(s, 1) for s in batch.decodes] + batch.prefills:
+        for seq, n in batch.computed:
             seq.num_computed_tokens += n
             self.block_manager.commit_computed(seq)  # blocks that became full join the prefix cache
         touched: dict[str, Request] = {}

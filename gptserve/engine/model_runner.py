@@ -16,7 +16,6 @@ import torch
 
 from gptserve.engine.cuda_graphs import DecodeGraphs
 from gptserve.engine.outputs import Inspection, Logprob
-from gptserve.engine.placement import bind_device
 from gptserve.engine.sampler import Sampler, SamplerOutput
 from gptserve.engine.scheduler import ScheduledBatch
 from gptserve.engine.sequence import Sequence
@@ -33,7 +32,6 @@ class ModelRunner:
         self.pool = pool
         self.sampler = sampler
         self.device = model.device
-        bind_device(self.device)  # this thread's CUDA work (graphs, Triton launches) goes to the model's GPU
         self.pin = self.device.type == "cuda"  # step inputs: pinned host memory, copied without a sync
         self.block_size = pool.block_size
         self.max_blocks = -(-max_model_len // pool.block_size)
@@ -96,26 +94,27 @@ class ModelRunner:
             meta.decode_max_blocks = d["block_tables"].shape[1]
             rows.extend(range(len(batch.decodes)))
         start = len(batch.decodes)
-        for seq in batch.verifies:  # the last token and the guesses, every row due
-            n = 1 + len(seq.spec_token_ids)
-            first = len(seq) - 1
+
+
+        def span(seq: Sequence, first: int, tokens: list[int]) -> None:
+            """seq's `tokens` at positions first.. as one chunk attending to its cached past."""
+            n = len(tokens)
             p = torch.arange(first, first + n)
             table = torch.tensor(seq.block_table)
-            ids.append(torch.tensor([seq.token_ids[-1]] + seq.spec_token_ids))
+            ids.append(torch.tensor(tokens))
             pos.append(p)
             slots.append(table[p // bs] * bs + p % bs)
             meta.prefills.append(PrefillSpan(start, start + n, first + n, self._to_device(table)))
+
+        for seq in batch.verifies:  # the last token and the guesses, every row due
+            n = 1 + len(seq.spec_token_ids)
+            span(seq, len(seq) - 1, [seq.token_ids[-1]] + seq.spec_token_ids)
             rows.extend(range(start, start + n))
             start += n
         logprob_spans: list[tuple[Sequence, int, int]] = []
         for seq, n in batch.prefills:
             first = seq.num_computed_tokens
-            p = torch.arange(first, first + n)
-            table = torch.tensor(seq.block_table)
-            ids.append(torch.tensor(seq.token_ids[first:first + n]))
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            meta.prefills.append(PrefillSpan(start, start + n, first + n, self._to_device(table)))
+            span(seq, first, seq.token_ids[first:first + n])
             if seq.prompt_logprobs is not None and first < seq.num_prompt_tokens:
                 logprob_spans.append((seq, start, n))
             if seq.is_due_after(n):  # the chunk completes a sequence that generates: its next token is due

@@ -118,7 +118,7 @@ class Sampler:
         u = torch.rand(len(seqs), 1, dtype=torch.float64, generator=self.generator, device=dev)
         for i, row in enumerate(seqs):
             if row.params.seed is not None:  # its own draw, independent of the batch
-                g = torch.Generator().manual_seed(seeded_noise_key(row.params.seed, row.index, len(row.token_ids)))
+                g = torch.Generator().manual_seed(seeded_draw_key(row.params.seed, row.index, len(row.token_ids)))
                 u[i] = torch.rand(1, dtype=torch.float64, generator=g).to(dev)
         cdf = probs.double().cumsum(dim=-1)  # (B, V); the filters above left the rows unnormalised
         # 1 - u is in (0, 1]: the first token whose cumulative mass reaches it has mass of its own
@@ -144,7 +144,7 @@ class Sampler:
         return out
 
 
-def seeded_noise_key(seed: int, index: int, position: int) -> int:
+def seeded_draw_key(seed: int, index: int, position: int) -> int:
     """The generator seed of a seeded request's choice `index` at token `position`."""
     return hash((seed, index, position)) & 0x7FFF_FFFF_FFFF_FFFF  # ints hash the same in every process
 

@@ -41,6 +41,12 @@ class ScheduledBatch:
         return [seq for seq, n in self.prefills if seq.scores_only and seq.is_read_after(n)]
 
     @property
+    def computed(self) -> list[tuple[Sequence, int]]:
+        """Each decode and prefill with the tokens this step puts in the cache (a verify's
+        count is known only after its rows are sampled)."""
+        return [(seq, 1) for seq in self.decodes] + self.prefills
+
+    @property
     def num_tokens(self) -> int:
         return (len(self.decodes) + sum(1 + len(s.spec_token_ids) for s in self.verifies)
                 + sum(n for _, n in self.prefills))

@@ -149,7 +149,7 @@ class DraftProposer:
         batch = ScheduledBatch(prefills=prefills)
         while batch:
             sampled, tokens = batch.due, self._greedy(batch)
-            for shadow, n in [(s, 1) for s in batch.decodes] + batch.prefills:
+            for shadow, n in batch.computed:
                 shadow.num_computed_tokens += n
             for shadow, token in zip(sampled, tokens):
                 shadow.token_ids.append(token)
