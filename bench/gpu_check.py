@@ -1,4 +1,4 @@
-"""The GPU path, checked and measured in one run (about 8 minutes on one GPU).
+"""The GPU path, checked and measured in one run (about 4 minutes on one H200).
 
 Random weights of the real GPT-2 shapes (gpt2, gpt2-xl), the same weights for every side:
   (a) parity with transformers on the GPU, bfloat16 and float16: logits within the dtype's
@@ -325,6 +325,8 @@ def served(folder: Path, dtype_name: str, args, logs: Path) -> dict:
     if args.device == "cpu":
         command += ["--kv-cache-memory", "64MiB"]
     logs.mkdir(parents=True, exist_ok=True)
+    # bench/serve.py imports gptserve from this checkout, which need not be installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     results: dict = {}
     with open(logs / "server.log", "w") as log:
         server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -336,7 +338,7 @@ def served(folder: Path, dtype_name: str, args, logs: Path) -> dict:
                                 "--concurrency", str(c), "--num-requests", str(max(args.min_requests, 2 * c)),
                                 "--input-len", str(args.serve_input_len), "--output-len", str(args.serve_output_len),
                                 "--vocab", str(folder), "--disable-tqdm", "--result-file", str(result_file)],
-                               check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=600)
+                               check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, timeout=600)
                 s = json.loads(result_file.read_text())
                 results[c] = {"output_tokens_per_s": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"],
                               "ttft_p99_ms": s["ttft_ms"]["p99"], "itl_p50_ms": s["itl_ms"]["p50"],
@@ -387,6 +389,12 @@ def run_step(results: dict, key: str, fn, *fn_args) -> None:
         results[key] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     results[key]["seconds"] = round(time.perf_counter() - start, 1)
     print(f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(results[key], default=str)[:400]}", flush=True)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(table(report))
 
 
 def table(report: dict) -> str:
@@ -476,6 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     steps: dict = {}
     device = torch.device(args.device)
+    report = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+              "torch": torch.__version__, "smoke": args.smoke, "seconds": 0.0, "steps": steps}
+
+    def step(key: str, fn, *fn_args) -> None:
+        """run_step, then the report so far is written: a run cut short keeps the steps it finished."""
+        run_step(steps, key, fn, *fn_args)
+        report["seconds"] = time.perf_counter() - start
+        write_report(report, args.out)
+
     with tempfile.TemporaryDirectory() as tmp:
         prompts = prompts_of([7, 33, 64, 100] if not args.smoke else [7, 33], seed=0)
         for shape in args.shapes:
@@ -488,10 +505,10 @@ def main(argv: list[str] | None = None) -> int:
                 del ref
                 free_memory()
             for dtype in args.dtypes:
-                run_step(steps, f"parity:{shape}:{dtype}", parity, folder, dtype, reference, prompts, args)
+                step(f"parity:{shape}:{dtype}", parity, folder, dtype, reference, prompts, args)
             del reference
             free_memory()
-            run_step(steps, f"engine:{shape}:{args.dtypes[0]}", engine_steps, folder, args.dtypes[0], args)
+            step(f"engine:{shape}:{args.dtypes[0]}", engine_steps, folder, args.dtypes[0], args)
             if shape == args.serve_shape:
                 why = serve_skip_reason(args)
                 if why:
@@ -499,14 +516,10 @@ def main(argv: list[str] | None = None) -> int:
                     steps[f"served:{shape}:{args.dtypes[0]}"] = {"skipped": why}
                 else:
                     logs = args.out.parent / (args.out.name + "-logs")
-                    run_step(steps, f"served:{shape}:{args.dtypes[0]}", served, folder, args.dtypes[0], args, logs)
+                    step(f"served:{shape}:{args.dtypes[0]}", served, folder, args.dtypes[0], args, logs)
             free_memory()
-    report = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-              "torch": torch.__version__, "smoke": args.smoke, "seconds": time.perf_counter() - start,
-              "steps": steps}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(table(report))
+    report["seconds"] = time.perf_counter() - start
+    write_report(report, args.out)
     print(table(report))
     failed = [k for k, r in steps.items() if "error" in r or r.get("ok") is False
               or r.get("graphs_vs_eager", {}).get("ok") is False]
