@@ -5,8 +5,11 @@ Starts `gptserve serve` as a subprocess on 127.0.0.1 (a free port) and keeps
 another: chat or completions, streamed or whole, n from 1 to 4, random stop strings,
 short and long prompts (up to most of the context), logprobs now and then, a list of
 prompts now and then, a share through the official openai client (the rest through
-httpx), and a share of clients that go away mid-request. A few fixed greedy "canary"
-requests recur throughout; each must always get the same text.
+httpx), and a share of clients that go away mid-request. A share of requests is hostile
+(`--hostile-rate`): pathological JSON Schemas, choices, regexes and tool sets, unknown
+Anthropic blocks, oversized Responses input, token ids out of range; each must be answered
+4xx or served, never 5xx. A few fixed greedy "canary" requests recur throughout; each must
+always get the same text.
 
 At the end it checks, and exits 1 if any check fails:
 - no 5xx and no error event in any stream;
@@ -100,6 +103,43 @@ def metrics(base: str) -> dict[str, float]:
 # ---------------------------------------------------------------- the workload
 
 
+def deep_schema(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+USER = [{"role": "user", "content": "Answer."}]
+BIG_TEXT = "word " * 300_000  # under the body limit, far over any context
+HOSTILE = [  # (path, body without model): each is answered 4xx or served, never 5xx
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 8, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "deep", "schema": deep_schema(200)}}}),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 8, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "wide", "schema": {"anyOf": [
+            {"const": f"branch {i}"} for i in range(3000)]}}}}),
+    ("/v1/completions", {"prompt": "Pick:", "max_tokens": 8,
+                         "structured_outputs": {"choice": [f"option {i}" for i in range(3000)]}}),
+    ("/v1/completions", {"prompt": "Match:", "max_tokens": 8, "structured_outputs": {"regex": "(a|"}}),
+    ("/v1/completions", {"prompt": "Match:", "max_tokens": 8, "structured_outputs": {"regex": "(a*)*" * 200}}),
+    ("/v1/completions", {"prompt": "Parse:", "max_tokens": 8, "structured_outputs": {"grammar": "start: start"}}),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 8, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": f"tool_{i}", "parameters": {"type": "object"}}}
+        for i in range(2000)]}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 1e-300}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 1.0, "repetition_penalty": 5e-324}),
+    ("/v1/completions", {"prompt": "And God said", "max_tokens": 0, "echo": True, "logprobs": 1}),
+    ("/v1/completions", {"prompt": [50_257], "max_tokens": 2}),
+    ("/v1/responses", {"input": BIG_TEXT, "max_output_tokens": 4}),
+    ("/v1/responses", {"input": [{"type": "unknown_item"}]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "no_such_block"}]}]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]}),
+    ("/v1/embeddings", {"input": [[99_999_999]]}),
+    ("/v1/embeddings", {"input": ["word"] * 20_000}),
+]
+
+
 @dataclass
 class Spec:
     endpoint: str  # chat | completions
@@ -110,6 +150,7 @@ class Spec:
     stops: list[str]
     abandon_after: int | None = None  # events to read before going away (streams); 0: a whole answer
     canary: int | None = None
+    path: str = ""  # hostile requests: the route
 
 
 @dataclass
@@ -128,9 +169,9 @@ class Tally:
 
 class Workload:
     def __init__(self, words: list[str], max_model_len: int, model: str, rng: random.Random, abandon_rate: float,
-                 openai_share: float):
+                 openai_share: float, hostile_rate: float):
         self.words, self.ctx, self.model, self.rng = words, max_model_len, model, rng
-        self.abandon_rate, self.openai_share = abandon_rate, openai_share
+        self.abandon_rate, self.openai_share, self.hostile_rate = abandon_rate, openai_share, hostile_rate
 
     def prompt(self, num_words: int) -> str:
         return "".join(self.rng.choice(self.words) for _ in range(num_words))
@@ -147,6 +188,9 @@ class Workload:
         rng = self.rng
         if rng.random() < 0.1:
             return self.canary(rng.randrange(8))
+        if rng.random() < self.hostile_rate:
+            path, body = rng.choice(HOSTILE)
+            return Spec("hostile", "httpx", False, {"model": self.model, **body}, 0, [], path=path)
         endpoint = "chat" if rng.random() < 0.6 else "completions"
         stream = rng.random() < 0.75
         client = "openai" if rng.random() < self.openai_share else "httpx"
@@ -233,6 +277,16 @@ def check(spec: Spec, answer: Answer, tally: Tally) -> None:
         first = tally.canaries.setdefault(spec.canary, answer.texts.get(0, ""))
         if answer.texts.get(0, "") != first:
             tally.fail(spec, f"canary {spec.canary} changed: {first!r} then {answer.texts.get(0)!r}")
+
+
+async def via_hostile(http: httpx.AsyncClient, spec: Spec, tally: Tally) -> None:
+    """A hostile request: any 4xx in its API's shape, or served; never a 5xx."""
+    response = await http.post(spec.path, json=spec.body, timeout=600)
+    tally.statuses[response.status_code] += 1
+    if response.status_code >= 500:
+        tally.fail(spec, f"{spec.path}: HTTP {response.status_code}: {response.text[:300]}")
+    elif response.status_code >= 400 and "error" not in response.json():
+        tally.fail(spec, f"{spec.path}: HTTP {response.status_code} without an error body: {response.text[:300]}")
 
 
 async def via_httpx(http: httpx.AsyncClient, spec: Spec, tally: Tally) -> None:
@@ -344,7 +398,9 @@ async def worker(base: str, workload: Workload, deadline: float, tally: Tally) -
             tally.requests["sent"] += 1
             tally.requests[f"{spec.endpoint} {spec.client} {'stream' if spec.stream else 'whole'}"] += 1
             try:
-                if spec.client == "openai":
+                if spec.endpoint == "hostile":
+                    await via_hostile(http, spec, tally)
+                elif spec.client == "openai":
                     await via_openai(client, spec, tally)
                 else:
                     await via_httpx(http, spec, tally)
@@ -361,7 +417,8 @@ async def load(base: str, args: argparse.Namespace, model: str, max_model_len: i
     start = time.monotonic()
     deadline = start + args.duration
     workers = [asyncio.create_task(worker(base, Workload(words, max_model_len, model, random.Random(args.seed + i),
-                                                         args.abandon_rate, args.openai_share), deadline, tally))
+                                                         args.abandon_rate, args.openai_share, args.hostile_rate),
+                                              deadline, tally))
                for i in range(args.concurrency)]
     rss: list[tuple[float, int]] = []  # (seconds since the start, bytes), every 5 s
     while not all(w.done() for w in workers):
@@ -480,6 +537,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="clients, each with one request in flight")
     p.add_argument("--abandon-rate", type=float, default=0.1, help="share of requests whose client goes away")
     p.add_argument("--openai-share", type=float, default=0.25, help="share sent through the openai client")
+    p.add_argument("--hostile-rate", type=float, default=0.05,
+                   help="share of hostile requests (pathological schemas, unknown blocks, ids out of range)")
     p.add_argument("--device", default="auto")
     p.add_argument("--kv-cache-memory", default=None, help="passed to the server, e.g. 64MiB (small: preemptions)")
     p.add_argument("--server-arg", action="append", default=[], help="another argument for `gptserve serve`")

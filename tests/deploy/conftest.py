@@ -1,6 +1,7 @@
 """Ray fixtures: one local Ray cluster for all of tests/deploy (2 CPUs, no dashboard),
 started and shut down here, and one gptserve application on it: 2 CPU engine replicas of
-the tiny random checkpoint behind the ingress, on a free port of 127.0.0.1."""
+`replica_checkpoint` (the tiny random checkpoint with GPT-2's 1,024 positions, so a stream
+can run long enough to be cut) behind the ingress, on a free port of 127.0.0.1."""
 from __future__ import annotations
 
 import socket
@@ -85,10 +86,15 @@ def ray_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(scope="package")
-def ray_app(ray_cluster, tiny_checkpoint: Path, tmp_path_factory) -> Iterator[RayApp]:
+def replica_checkpoint(make_checkpoint) -> Path:
+    return make_checkpoint(n_positions=1024)
+
+
+@pytest.fixture(scope="package")
+def ray_app(ray_cluster, replica_checkpoint: Path, tmp_path_factory) -> Iterator[RayApp]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_application(tiny_spec(tiny_checkpoint, tmp_path_factory.mktemp("state"))),
+    serve.run(build_application(tiny_spec(replica_checkpoint, tmp_path_factory.mktemp("state"))),
               name=APP_NAME, route_prefix="/")
     app = RayApp(f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 60

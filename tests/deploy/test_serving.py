@@ -17,8 +17,8 @@ PROMPTS = [f"Request {i} asks about the weather in city number {i}." for i in ra
 
 
 @pytest.fixture(scope="module")
-def single_server(tiny_checkpoint: Path) -> Iterator[RunningServer]:
-    running = start_server(tiny_checkpoint)
+def single_server(replica_checkpoint: Path) -> Iterator[RunningServer]:
+    running = start_server(replica_checkpoint)
     yield running
     running.stop()
 

@@ -67,6 +67,7 @@ def test_stream_usage_chunk_comes_last_when_asked(client: openai.OpenAI):
 
 def test_stream_without_usage_option_has_no_usage_chunk(client: openai.OpenAI):
     chunks = list(chat(client, stream=True))
+    assert chunks and chunks[-1].choices[0].finish_reason is not None
     assert all(c.choices and c.usage is None for c in chunks)
 
 
