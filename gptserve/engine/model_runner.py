@@ -43,8 +43,11 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, masks: Future | None = None) -> tuple[list, SamplerOutput]:
         """Run one step; return the rows that get a token (batch.due), and their tokens.
         `masks`: the grammar masks of those rows, being filled while the model runs."""
-        logits = self.model.logits(self.due_hidden(batch))  # (S, V)
+        hidden = self.due_hidden(batch)
         sampled = batch.due
+        if not sampled:  # prompt chunks only (scored, or not yet complete): nothing to project or sample
+            return sampled, SamplerOutput([], [])
+        logits = self.model.logits(hidden)  # (S, V)
         return sampled, self.sampler(logits, sampled, None if masks is None else masks.result())
 
     @torch.inference_mode()
