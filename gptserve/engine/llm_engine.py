@@ -71,10 +71,12 @@ class LLMEngine:
         num_blocks = max(1, budget // per_block - 1)  # one more block is the pool's scratch block
         self.pool = KVPool(mc.n_layer, num_blocks, config.block_size, mc.n_head, mc.head_dim,
                            self.dtype, self.device)
-        self.limits = EngineLimits(max_model_len, mc.vocab_size, num_blocks * config.block_size)
+        # a model's vocabulary may be padded past the tokenizer's: no token names those rows
+        vocab_size = min(mc.vocab_size, self.tokenizer.vocab_size)
+        self.limits = EngineLimits(max_model_len, vocab_size, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        sampler = Sampler(mc.vocab_size, self.device, config.seed)
+        sampler = Sampler(vocab_size, self.device, config.seed)
         graph_sizes = () if config.enforce_eager else tuple(
             b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs)
         self.runner = ModelRunner(self.model, self.pool, sampler, max_model_len, graph_sizes)
@@ -87,8 +89,8 @@ class LLMEngine:
             self.packed = pack_for_cpu(self.model)  # oneDNN-packed linear layers (CPU float32)
         self.proposer = None
         if config.speculative is not None:
-            self.proposer = build_proposer(config.speculative, mc, self.device, self.dtype, num_blocks,
-                                           config.block_size, max_model_len)
+            self.proposer = build_proposer(config.speculative, mc, vocab_size, self.device, self.dtype,
+                                           num_blocks, config.block_size, max_model_len)
         self.spec_stats = SpeculationStats()
         self._spec_logged = (time.monotonic(), 0)  # when the last log line was written, at how many guesses
         self.requests: dict[str, Request] = {}
@@ -313,7 +315,7 @@ class LLMEngine:
     @property
     def grammars(self) -> GrammarCompiler:
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+            self._grammars = GrammarCompiler(self.tokenizer, self.limits.vocab_size)
         return self._grammars
 
     # ---- introspection -------------------------------------------------------------------

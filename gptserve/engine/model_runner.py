@@ -16,7 +16,7 @@ import torch
 
 from gptserve.engine.cuda_graphs import DecodeGraphs
 from gptserve.engine.outputs import Inspection, Logprob
-from gptserve.engine.sampler import Sampler, SamplerOutput
+from gptserve.engine.sampler import Sampler, SamplerOutput, floored
 from gptserve.engine.scheduler import ScheduledBatch
 from gptserve.engine.sequence import Sequence
 from gptserve.model.attention import DenseAttention, KVPool, PagedAttention, PagedMetadata, PrefillSpan
@@ -43,8 +43,11 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, masks: Future | None = None) -> tuple[list, SamplerOutput]:
         """Run one step; return the rows that get a token (batch.due), and their tokens.
         `masks`: the grammar masks of those rows, being filled while the model runs."""
-        logits = self.model.logits(self.due_hidden(batch))  # (S, V)
+        hidden = self.due_hidden(batch)
         sampled = batch.due
+        if not sampled:  # prompt chunks only (scored, or not yet complete): nothing to project or sample
+            return sampled, SamplerOutput([], [])
+        logits = self.model.logits(hidden)  # (S, V)
         return sampled, self.sampler(logits, sampled, None if masks is None else masks.result())
 
     @torch.inference_mode()
@@ -138,14 +141,18 @@ class ModelRunner:
         targets = seq.token_ids[start:end]
         if not targets:
             return
-        lp = torch.log_softmax(self.model.logits(hidden[start - first - 1:end - first - 1]).float(), dim=-1)
+        lp = torch.log_softmax(self._vocab_logits(hidden[start - first - 1:end - first - 1]), dim=-1)
         k = seq.params.logprobs or 0
         tgt = torch.tensor(targets, device=lp.device)
-        chosen = lp.gather(1, tgt[:, None]).squeeze(1).tolist()
+        chosen = floored(lp.gather(1, tgt[:, None]).squeeze(1)).tolist()
         top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
         for i, t in enumerate(targets):
-            top = list(zip(top_ids[i].tolist(), top_vals[i].tolist())) if k else []
+            top = list(zip(top_ids[i].tolist(), floored(top_vals[i]).tolist())) if k else []
             seq.prompt_logprobs.append(Logprob(t, chosen[i], top))
+
+    def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits over the tokens the sampler may choose (no padding columns of the LM head)."""
+        return self.model.logits(hidden)[:, :self.sampler.vocab_size].float()
 
     def _alone(self, prompt_token_ids: list[int], attn: DenseAttention) -> torch.Tensor:
         """One prompt through the model by itself, outside the KV pool: its hidden states (T, C)."""
@@ -165,7 +172,7 @@ class ModelRunner:
         attention, and the top next tokens."""
         attn = DenseAttention(batch_size=1, record=True)
         hidden = self._alone(prompt_token_ids, attn)
-        probs, top = self.model.logits(hidden[-1:]).float()[0].softmax(-1).topk(top_k)
+        probs, top = self._vocab_logits(hidden[-1:])[0].softmax(-1).topk(top_k)
         # float64 before rounding, so that 0.4965 is written as 0.4965, not 0.49649998
         attention = [attn.weights[layer][0].double().round(decimals=decimals).tolist()
                      for layer in sorted(attn.weights)]

@@ -11,6 +11,21 @@ noise over the whole vocabulary cost milliseconds a row on a CPU. Which filters 
 decided from the rows' settings in Python, so the device is not asked (no host sync) until
 the tokens are read.
 
+Whatever the settings, the token chosen is in the vocabulary and, under a grammar, one
+the grammar allows:
+- only the tokenizer's tokens are candidates (a model's logits may have padding columns);
+- the grammar's mask is applied first, so penalties and filters see the distribution over
+  the allowed tokens, and has the last word: a chosen token it bans (-inf) is no choice;
+- settings at their edges make non-finite logits (a seen token's logit divided by a
+  repetition penalty of 5e-324 is +inf): NaN is no candidate, +inf the likeliest (the
+  limit of what was asked), and a penalty is at least float32's smallest normal number
+  (0 would make a banned token's -inf NaN);
+- a row left with no candidate (every allowed token at -inf) takes the allowed token the
+  model's own logits rank first;
+- temperatures under GREEDY_BELOW are greedy (sampling_params.py).
+Logprobs are the model's own (before masks and settings), floored at LOGPROB_FLOOR, so
+every one is a finite number.
+
 A row is a Sequence or a speculative VerifyRow: anything with params, index, token_ids
 and output_token_ids.
 """
@@ -23,9 +38,12 @@ import torch
 from gptserve.engine.grammar import apply_grammar_mask
 from gptserve.engine.outputs import Logprob
 from gptserve.engine.sequence import Sequence, VerifyRow
+from gptserve.model.cpu_kernels import row_argmax
 
 Row = Sequence | VerifyRow
-from gptserve.model.cpu_kernels import row_argmax
+LOGPROB_FLOOR = -9999.0  # vLLM's floor: -inf (a token the model rules out) is not a JSON number
+FLOAT32 = torch.finfo(torch.float32)
+NEG_INF = float("-inf")
 
 
 @dataclass
@@ -36,28 +54,53 @@ class SamplerOutput:
 
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0):
-        self.vocab_size = vocab_size
+        self.vocab_size = vocab_size  # the tokens that may be chosen: the tokenizer's
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Row],
                  grammar_mask: tuple[list[int], torch.Tensor] | None = None) -> SamplerOutput:
-        """`grammar_mask`: the constrained rows and their packed bitmasks (engine/grammar.py)."""
-        logits = logits[:, :self.vocab_size].float()  # (B, V)
+        """`grammar_mask`: the constrained rows and their packed bitmasks (engine/grammar.py),
+        applied to `logits` in place."""
+        logits = logits[:, :self.vocab_size].float()  # (B, V): padding columns are never candidates
         params = [s.params for s in seqs]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # the model's own, before any mask
         if grammar_mask is not None:
-            apply_grammar_mask(logits, grammar_mask)
-        logits = self._apply_penalties(logits, seqs)
+            apply_grammar_mask(logits, grammar_mask)  # first, so penalties and filters see the grammar's tokens
+        scores = self._apply_penalties(logits, seqs)
         if all(p.greedy for p in params):
-            tokens = argmax(logits)
+            tokens = argmax(scores)  # an index of the row, whatever its values
         else:
             greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-            tokens = torch.where(greedy, argmax(logits), self._sample(logits, seqs))
-        token_list = tokens.tolist()
+            tokens = torch.where(greedy, argmax(scores), self._sample(scores, seqs))
+        if grammar_mask is not None:  # the mask has the last word: a banned token (-inf) is no choice
+            tokens = tokens.masked_fill(logits.gather(1, tokens.clamp(min=0)[:, None]).squeeze(1) == NEG_INF, -1)
+        token_list = tokens.tolist()  # the one host sync
+        if -1 in token_list:  # rare: rows left with no candidate take the model's best allowed token
+            token_list = self._fall_back(logits, grammar_mask, token_list)
+        if token_list and not 0 <= min(token_list) <= max(token_list) < self.vocab_size:
+            raise RuntimeError(f"the sampler chose a token outside the vocabulary [0, {self.vocab_size}): "
+                               f"{token_list}")
         return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, params))
+
+    @staticmethod
+    def _fall_back(logits: torch.Tensor, grammar_mask: tuple[list[int], torch.Tensor] | None,
+                   tokens: list[int]) -> list[int]:
+        """`tokens` with each -1 (a row left with no candidate) replaced by the row's allowed
+        token the model ranks first, non-finite logits below every finite one."""
+        rows = [i for i, t in enumerate(tokens) if t == -1]
+        index = torch.tensor(rows, device=logits.device)
+        finite = logits[index].nan_to_num(nan=FLOAT32.min, posinf=FLOAT32.max, neginf=FLOAT32.min)
+        if grammar_mask is not None:  # the banned columns of `logits` are -inf, but so may be allowed ones
+            banned = torch.zeros_like(logits)
+            apply_grammar_mask(banned, grammar_mask)
+            finite = finite.masked_fill(banned[index] == NEG_INF, NEG_INF)
+        tokens = list(tokens)
+        for i, token in zip(rows, argmax(finite).tolist()):
+            tokens[i] = token
+        return tokens
 
     # ---- logits processing -------------------------------------------------------------
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Row]) -> torch.Tensor:
@@ -86,29 +129,33 @@ class Sampler:
         if needs_rep:  # HF/CTRL style over prompt and output tokens
             seen = torch.zeros(b, v + 1, dtype=torch.bool, device=dev)
             seen = seen.scatter_(1, _pad([s.token_ids for s in seqs], v, dev), True)[:, :v]
-            rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+            # a penalty under float32's range would be 0, and -inf * 0 NaN
+            rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None].clamp(min=FLOAT32.tiny)
             penalised = torch.where(logits > 0, logits / rep, logits * rep)
             logits = torch.where(seen, penalised, logits)
         return logits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Row]) -> torch.Tensor:
+    def _sample(self, scores: torch.Tensor, seqs: list[Row]) -> torch.Tensor:
+        """Each row's drawn token; -1 for a row with no probability left to draw from."""
         params = [s.params for s in seqs]
-        dev = logits.device
-        temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
-        logits = logits / temp
+        dev = scores.device
+        temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)[:, None]
+        # NaN is no candidate; +inf (a tiny penalty or temperature) the likeliest, beside any other +inf
+        logits = (scores / temp).nan_to_num_(nan=NEG_INF, posinf=FLOAT32.max, neginf=NEG_INF)
         top_ks = [min(p.top_k, self.vocab_size) if p.top_k > 0 else 0 for p in params]
         if any(top_ks):
             kmax = max(top_ks)
             k = torch.tensor([t or 1 for t in top_ks], device=dev)
             kth = logits.topk(kmax, dim=-1).values.gather(1, (k - 1)[:, None])
-            kth = kth.masked_fill(torch.tensor([t == 0 for t in top_ks], device=dev)[:, None], float("-inf"))
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(dim=-1)
+            kth = kth.masked_fill(torch.tensor([t == 0 for t in top_ks], device=dev)[:, None], NEG_INF)
+            logits = logits.masked_fill(logits < kth, NEG_INF)
+        probs = logits.softmax(dim=-1)  # a row of only -inf is NaN: no candidate
         if any(p.top_p < 1.0 for p in params):
             top_p = torch.tensor([p.top_p for p in params], device=dev)
             sorted_p, idx = probs.sort(dim=-1, descending=True)
             before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly better tokens
             drop_sorted = before >= top_p[:, None]
+            drop_sorted[:, 0] = False  # the best token stays, however small top_p (5e-324 is 0 in float32)
             drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
         if any(p.min_p > 0 for p in params):
@@ -121,17 +168,19 @@ class Sampler:
                 g = torch.Generator().manual_seed(seeded_draw_key(row.params.seed, row.index, len(row.token_ids)))
                 u[i] = torch.rand(1, dtype=torch.float64, generator=g).to(dev)
         cdf = probs.double().cumsum(dim=-1)  # (B, V); the filters above left the rows unnormalised
+        total = cdf[:, -1:]
         # 1 - u is in (0, 1]: the first token whose cumulative mass reaches it has mass of its own
-        return torch.searchsorted(cdf, (1.0 - u) * cdf[:, -1:]).squeeze(1)
+        tokens = torch.searchsorted(cdf, (1.0 - u) * total).squeeze(1)
+        return tokens.masked_fill_(~(total.squeeze(1) > 0), -1)  # no mass, or NaN
 
     @staticmethod
     def _logprobs(raw: torch.Tensor | None, tokens: list[int], params) -> list[Logprob | None]:
         if raw is None:
             return [None] * len(tokens)
         k = max(p.logprobs or 0 for p in params)
-        chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1).tolist()
+        chosen = floored(raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]).squeeze(1)).tolist()
         top_vals, top_ids = (raw.topk(k, dim=-1) if k else (None, None))
-        top_vals = top_vals.tolist() if k else None
+        top_vals = floored(top_vals).tolist() if k else None
         top_ids = top_ids.tolist() if k else None
         out: list[Logprob | None] = []
         for i, p in enumerate(params):
@@ -142,6 +191,11 @@ class Sampler:
             top = list(zip(top_ids[i][:n], top_vals[i][:n])) if n else []
             out.append(Logprob(tokens[i], chosen[i], top))
         return out
+
+
+def floored(logprobs: torch.Tensor) -> torch.Tensor:
+    """Logprobs as finite numbers, none below LOGPROB_FLOOR."""
+    return logprobs.nan_to_num(nan=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
 
 
 def seeded_draw_key(seed: int, index: int, position: int) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy: logits divided by them overflow float32 (vLLM's bound)
+
 
 class InvalidSamplingParams(ValueError):
     """A sampling setting is out of range; `param` names it (OpenAI's field name)."""
@@ -16,7 +18,7 @@ class InvalidSamplingParams(ValueError):
 class SamplingParams:
     n: int = 1
     max_tokens: int | None = 16  # None: up to the context limit; 0 (with prompt_logprobs): score the prompt only
-    temperature: float = 1.0  # 0 is greedy
+    temperature: float = 1.0  # 0 (anything under GREEDY_BELOW) is greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
@@ -71,4 +73,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW

@@ -110,8 +110,8 @@ class DraftProposer:
 
     method = "draft"
 
-    def __init__(self, model, target: ModelConfig, num_blocks: int, block_size: int, max_model_len: int,
-                 draft_vocab: list[int] | None = None):
+    def __init__(self, model, target: ModelConfig, vocab_size: int, num_blocks: int, block_size: int,
+                 max_model_len: int, draft_vocab: list[int] | None = None):
         mc = model.config
         if mc.vocab_size != target.vocab_size:
             raise SpeculativeError(f"the draft model's vocabulary ({mc.vocab_size} tokens) is not the target's "
@@ -125,7 +125,8 @@ class DraftProposer:
         # the LM head, restricted to the tokens the draft was trained on where it says which
         # (a guess is a single token, so leaving the others out changes no output, only speed)
         self.vocab = torch.tensor(draft_vocab, device=model.device) if draft_vocab else None
-        self.head = model.wte.weight if draft_vocab is None else model.wte.weight[self.vocab].contiguous()
+        # (and to the tokenizer's vocabulary: a padded embedding's extra rows are no tokens)
+        self.head = model.wte.weight[:vocab_size] if draft_vocab is None else model.wte.weight[self.vocab].contiguous()
         self.shadows: dict[int, Sequence] = {}  # target seq_id -> the draft's view of it
         self.synced: dict[int, int] = {}  # target seq_id -> tokens known equal to the target's
         self.params = SamplingParams(temperature=0.0)
@@ -191,9 +192,10 @@ class DraftProposer:
             self.block_manager.free_seq(shadow)
 
 
-def build_proposer(config: SpeculativeConfig, target: ModelConfig, device: torch.device,
+def build_proposer(config: SpeculativeConfig, target: ModelConfig, vocab_size: int, device: torch.device,
                    dtype: torch.dtype, num_blocks: int, block_size: int, max_model_len: int
                    ) -> NgramProposer | DraftProposer:
+    """`vocab_size`: the tokens a guess may be (the engine's vocabulary)."""
     if config.method == "ngram":
         return NgramProposer(config)
     from gptserve.weights.loader import DEFAULT_DRAFT_DIR, load_model, resolve_model_path
@@ -202,4 +204,4 @@ def build_proposer(config: SpeculativeConfig, target: ModelConfig, device: torch
     model = load_model(path, device, torch.float32 if device.type == "cpu" else dtype)
     vocab_file = Path(path) / DRAFT_VOCAB_FILE
     draft_vocab = json.loads(vocab_file.read_text())["token_ids"] if vocab_file.exists() else None
-    return DraftProposer(model, target, num_blocks, block_size, max_model_len, draft_vocab)
+    return DraftProposer(model, target, vocab_size, num_blocks, block_size, max_model_len, draft_vocab)

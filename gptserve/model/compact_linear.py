@@ -66,7 +66,10 @@ class CompactLinear(nn.Module):
         self.many_rows = PackedLinear(self.widened_weight(), self.bias) if packable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= FEW_ROWS and self._kernel is not None:
+        rows = x.shape[0]
+        if rows == 0:  # a step with no row to project (the kernel takes 1 to FEW_ROWS)
+            return x.new_empty(0, self.out_features)
+        if rows <= FEW_ROWS and self._kernel is not None:
             return self._kernel(x, self.weight, self.scale, self.bias)
         if self.many_rows is not None:
             return self.many_rows(x)

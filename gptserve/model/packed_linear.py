@@ -63,6 +63,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
+        if n == 0:  # nothing to multiply: oneDNN is not asked
+            return x.new_empty(0, self.out_features)
         rows = padded_rows(n)
         if rows != n:
             x = torch.cat([x, x.new_zeros(rows - n, x.shape[1])])

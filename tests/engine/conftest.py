@@ -1,4 +1,11 @@
-"""Engine fixtures: a fresh LLMEngine on the tiny checkpoint, and the plain-model reference."""
+"""Engine fixtures: a fresh LLMEngine on the tiny checkpoint, and the plain-model reference.
+
+Engine tests run in four variants (`engine_variant`): float32 without speculative decoding
+and with each method, and without it at the precision `--dtype auto` resolves to on this
+machine (what `gptserve serve` runs; on a CPU with the compiled kernel, bfloat16 weights
+with float32 compute), when that is not float32. References built from `engine.model` are
+at the engine's own precision; a test that compares to the plain float32 model pins
+dtype="float32"."""
 from __future__ import annotations
 
 import pytest
@@ -6,10 +13,20 @@ import torch
 
 from gptserve.config import EngineConfig, SpeculativeConfig
 from gptserve.engine.llm_engine import LLMEngine
+from gptserve.engine.placement import resolve_precision
 from gptserve.model.attention import DenseAttention
 from gptserve.model.gpt2 import GPT2
 
 NEAR_TIE = 1e-4  # batched float rounding may flip only a genuine near-tie
+AUTO = resolve_precision("auto", None, torch.device("cpu"))  # the default precision here
+
+
+def _variants() -> list:
+    """(speculative method, dtype option) pairs, named for their test ids."""
+    variants = [pytest.param((method, "float32"), id=f"{method}-float32") for method in ("plain", "ngram", "draft")]
+    if AUTO.weights != "float32":
+        variants.append(pytest.param(("plain", "auto"), id=f"plain-{AUTO.weights}-weights"))
+    return variants
 
 
 @pytest.fixture(scope="session")
@@ -19,25 +36,36 @@ def tiny_draft_checkpoint(make_checkpoint):
     return make_checkpoint(seed=0, n_layer=1)
 
 
-@pytest.fixture(params=["plain", "ngram", "draft"])
-def speculation(request, tiny_draft_checkpoint) -> SpeculativeConfig | None:
-    """Every engine test runs without speculative decoding and with each method, guessing
-    in batches of any size, and must pass the same."""
-    if request.param == "plain":
+@pytest.fixture(params=_variants())
+def engine_variant(request) -> tuple[str, str]:
+    """Every engine test runs in each variant (the module's docstring) and must pass the same."""
+    return request.param
+
+
+@pytest.fixture
+def speculation(engine_variant, tiny_draft_checkpoint) -> SpeculativeConfig | None:
+    """The variant's speculative decoding: none, or a method guessing in batches of any size."""
+    method = engine_variant[0]
+    if method == "plain":
         return None
-    return SpeculativeConfig(request.param, num_speculative_tokens=3, draft_model=str(tiny_draft_checkpoint),
+    return SpeculativeConfig(method, num_speculative_tokens=3, draft_model=str(tiny_draft_checkpoint),
                              max_batch=1024)
 
 
 @pytest.fixture
-def make_engine(tiny_checkpoint, speculation):
+def precision(engine_variant) -> str:
+    """The variant's --dtype: float32, or auto."""
+    return engine_variant[1]
+
+
+@pytest.fixture
+def make_engine(tiny_checkpoint, speculation, precision):
     """Build an engine on the tiny checkpoint; checks that every block is free afterwards
     (the draft's too)."""
     engines: list[LLMEngine] = []
 
     def make(**overrides) -> LLMEngine:
-        # float32 unless a test asks: the references are the plain float32 model
-        cfg = EngineConfig(**{"kv_cache_memory": 4 * 2**20, "dtype": "float32", "speculative": speculation,
+        cfg = EngineConfig(**{"kv_cache_memory": 4 * 2**20, "dtype": precision, "speculative": speculation,
                               **overrides})
         engine = LLMEngine(str(tiny_checkpoint), cfg)
         engines.append(engine)

@@ -16,9 +16,10 @@ from tests.engine.conftest import assert_same_greedy
 
 
 @pytest.fixture
-async def engine(tiny_checkpoint, speculation):
-    """The engine thread's engine, without speculative decoding and with each method."""
-    eng = AsyncEngine(str(tiny_checkpoint), EngineConfig(kv_cache_memory=8 * 2**20, speculative=speculation))
+async def engine(tiny_checkpoint, speculation, precision):
+    """The engine thread's engine, in each variant (tests/engine/conftest.py)."""
+    eng = AsyncEngine(str(tiny_checkpoint), EngineConfig(kv_cache_memory=8 * 2**20, dtype=precision,
+                                                         speculative=speculation))
     eng.start()
     yield eng
     await eng.shutdown()

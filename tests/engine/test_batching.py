@@ -43,7 +43,7 @@ def test_mixed_lengths_in_one_batch_match_running_alone(make_engine, kernel, mon
 
 
 def test_the_engine_packs_its_cpu_model_and_still_matches_the_plain_model(make_engine, tiny_checkpoint):
-    engine = make_engine()
+    engine = make_engine(dtype="float32")
     assert engine.packed  # float32 on the CPU: oneDNN-packed linear layers
     plain = load_model(tiny_checkpoint)  # a separate, unpacked copy as the reference
     prompts = random_prompts(6, 3, 80, seed=7)

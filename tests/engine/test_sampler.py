@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from gptserve.engine.sampler import Sampler
+from gptserve.engine.sampler import LOGPROB_FLOOR, Sampler
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.sequence import Sequence
 from tests.engine.test_block_manager import _NoTokenizer
@@ -20,6 +21,15 @@ def seqs(*params: SamplingParams, tokens=(1, 2, 3)) -> list[Sequence]:
 
 def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def grammar_mask(allowed: dict[int, set[int]], vocab: int = V) -> tuple[list[int], torch.Tensor]:
+    """The mask of the constrained rows (row -> allowed tokens) in llguidance's layout: one
+    bit a token, little-endian, in int32 words."""
+    bits = np.zeros((len(allowed), -(-vocab // 32) * 32), dtype=np.uint8)
+    for i, tokens in enumerate(allowed.values()):
+        bits[i, sorted(tokens)] = 1
+    return list(allowed), torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view(np.int32).copy())
 
 
 def test_greedy_rows_take_the_argmax_beside_sampled_rows():
@@ -117,3 +127,75 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours():
     assert len(set(alone)) > 10, "the seeded row is not really sampling"
     other_seed = draws(Sampler(V, cpu, seed=1), seqs(SamplingParams(temperature=1.0, seed=43)), 0)
     assert other_seed != alone
+
+
+# --- settings at their edges: the token is in the vocabulary and, under a grammar, allowed ---
+
+TINY = 5e-324  # the smallest positive float: 0 in float32
+
+
+def test_a_temperature_under_the_greedy_bound_is_greedy():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(3, seed=7)
+    for temperature in (TINY, 1e-300, 9e-6):
+        out = sampler(logits, seqs(*[SamplingParams(temperature=temperature)] * 3))
+        assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_columns_past_the_vocabulary_are_never_chosen():
+    """A padded LM head has more columns than the tokenizer has tokens."""
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = torch.cat([logits_rows(2, seed=8), torch.full((2, 6), 1e30)], dim=1)
+    logits[1, V + 2] = float("nan")
+    for p in (SamplingParams(temperature=0), SamplingParams(temperature=2.0), SamplingParams(top_k=10**9)):
+        out = sampler(logits, seqs(p, p), grammar_mask({1: set(range(V))}))
+        assert all(0 <= t < V for t in out.token_ids)
+
+
+def test_a_vanishing_repetition_penalty_makes_the_seen_positive_token_certain():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = torch.zeros(1, V)
+    logits[0, 5], logits[0, 9], logits[0, 11] = 0.1, 3.0, -2.0  # 5 and 11 seen: 5 divided by ~0 is +inf
+    for p in (SamplingParams(temperature=0, repetition_penalty=TINY),
+              SamplingParams(temperature=1.0, repetition_penalty=TINY), SamplingParams(repetition_penalty=1e-40)):
+        assert sampler(logits, seqs(p, tokens=(5, 11))).token_ids == [5]
+
+
+def test_under_a_grammar_a_vanishing_penalty_still_chooses_an_allowed_token():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(1, seed=9).abs()  # every seen token is pushed to +inf, the allowed ones unseen
+    allowed = {2, 17}
+    for temperature in (0.0, 1.0):
+        p = SamplingParams(temperature=temperature, repetition_penalty=TINY)
+        for _ in range(20):
+            out = sampler(logits, seqs(p, tokens=(1, 3, 4, 30)), grammar_mask({0: allowed}))
+            assert out.token_ids[0] in allowed
+
+
+def test_a_row_whose_settings_leave_no_allowed_token_takes_the_models_best_allowed():
+    """Divided by a temperature of 1e-5, every allowed logit (-1e34, -2e34) is -inf: the row
+    falls back to the allowed token the model ranks first."""
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(2, seed=10)
+    logits[:, 4], logits[:, 6] = -2e34, -1e34
+    logits[1, 4], logits[1, 6] = float("-inf"), float("nan")  # nothing finite: still an allowed token
+    for p in (SamplingParams(temperature=1e-5), SamplingParams(temperature=0, top_k=1, min_p=1.0)):
+        out = sampler(logits, seqs(p, p), grammar_mask({0: {4, 6}, 1: {4, 6}}))
+        assert out.token_ids[0] == 6 and out.token_ids[1] in {4, 6}
+
+
+def test_top_p_of_the_smallest_float_keeps_the_best_token():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(2, seed=11)
+    out = sampler(logits, seqs(*[SamplingParams(temperature=2.0, top_p=TINY)] * 2))
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_logprobs_are_finite_even_for_a_token_the_model_rules_out():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = logits_rows(1, seed=12)
+    logits[0, 3] = float("-inf")  # the grammar allows only the token the model gives no probability
+    out = sampler(logits, seqs(SamplingParams(temperature=0, logprobs=V)), grammar_mask({0: {3}}))
+    [lp] = out.logprobs
+    assert out.token_ids == [3] and lp.logprob == LOGPROB_FLOOR
+    assert all(math.isfinite(v) for _, v in lp.top) and lp.top[-1] == (3, LOGPROB_FLOOR)

@@ -1,5 +1,9 @@
 """HTTP fixtures: real gptserve servers (the real AsyncEngine on the tiny random checkpoint,
-behind uvicorn on 127.0.0.1 in a background thread), for the whole session or one test."""
+behind uvicorn on 127.0.0.1 in a background thread), for the whole session or one test.
+
+Servers run at `--dtype auto`, the precision `gptserve serve` runs by default (on a CPU
+with the compiled kernel, bfloat16 weights with float32 compute); `float32_server` is for
+the tests that compare the model's numbers with transformers' float32 ones."""
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +66,7 @@ class RunningServer:
 
 
 def start_server(model_dir: Path, engine_settings: dict | None = None, **server_settings) -> RunningServer:
-    engine_config = EngineConfig(**{"device": "cpu", "dtype": "float32", "kv_cache_memory": 8 * 2**20,
+    engine_config = EngineConfig(**{"device": "cpu", "dtype": "auto", "kv_cache_memory": 8 * 2**20,
                                     "enforce_eager": True, **(engine_settings or {})})
     # stored responses go to a fresh directory, never the user's own state directory
     server_settings.setdefault("state_dir", tempfile.mkdtemp(prefix="gptserve-state-"))
@@ -82,6 +86,14 @@ def start_server(model_dir: Path, engine_settings: dict | None = None, **server_
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint: Path) -> Iterator[RunningServer]:
     running = start_server(tiny_checkpoint)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def float32_server(tiny_checkpoint: Path) -> Iterator[RunningServer]:
+    """A server at float32, for comparisons with transformers' float32 numbers."""
+    running = start_server(tiny_checkpoint, {"dtype": "float32"})
     yield running
     running.stop()
 

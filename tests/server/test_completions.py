@@ -142,9 +142,10 @@ def score(client: openai.OpenAI, **kwargs):
     return client.completions.create(**{**args, **kwargs})
 
 
-def test_echo_and_max_tokens_0_score_the_prompt_as_transformers_does(client: openai.OpenAI, http, reference):
-    ids = http.post("/tokenize", json={"prompt": SCORED}).json()["tokens"]
-    reply = score(client)
+def test_echo_and_max_tokens_0_score_the_prompt_as_transformers_does(float32_server, reference):
+    with float32_server.http() as http:
+        ids = http.post("/tokenize", json={"prompt": SCORED}).json()["tokens"]
+    reply = score(float32_server.client())
     [choice] = reply.choices
     assert choice.text == SCORED and choice.finish_reason == "length"
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 0)

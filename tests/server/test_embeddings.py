@@ -23,7 +23,8 @@ def reference(checkpoint, token_ids: list[int]) -> np.ndarray:
     return torch.nn.functional.normalize(hidden.mean(0), dim=0).numpy()
 
 
-def test_an_embedding_equals_transformers_mean_pooled_hidden_states(client: openai.OpenAI, tiny_checkpoint):
+def test_an_embedding_equals_transformers_mean_pooled_hidden_states(float32_server, tiny_checkpoint):
+    client = float32_server.client()
     text = "In the beginning God created the heaven and the earth."
     answer = client.embeddings.create(model="tiny-gpt2", input=text, encoding_format="float")
     [item] = answer.data

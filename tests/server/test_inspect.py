@@ -21,8 +21,9 @@ def reference(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def inspection(server) -> dict:
-    with server.http() as http:
+def inspection(float32_server) -> dict:
+    """The inspection of PROMPT at float32, as transformers computes it."""
+    with float32_server.http() as http:
         response = http.post("/v1/inspect", json={"prompt": PROMPT, "top_k": 20})
     assert response.status_code == 200, response.text
     return response.json()
@@ -34,16 +35,16 @@ def reference_outputs(reference, token_ids: list[int]):
     return [a[0] for a in out.attentions], out.logits[0, -1]  # [layer] (H, T, T), (V,)
 
 
-def test_answer_has_the_prompts_tokens_and_the_models_shape(inspection, server, http):
+def test_answer_has_the_prompts_tokens_and_the_models_shape(inspection, float32_server, http):
     tokenized = http.post("/tokenize", json={"prompt": PROMPT}).json()
     assert inspection["tokens"] == tokenized["tokens"]
     assert inspection["token_strs"] == tokenized["token_strs"]
-    config = server.serving.engine.model_config
+    config = float32_server.serving.engine.model_config
     assert (inspection["n_layer"], inspection["n_head"]) == (config.n_layer, config.n_head)
     T = len(inspection["tokens"])
     attention = torch.tensor(inspection["attention"])
     assert attention.shape == (config.n_layer, config.n_head, T, T)
-    assert inspection["model"] == server.model_name
+    assert inspection["model"] == float32_server.model_name
 
 
 def test_attention_rows_are_probabilities_over_the_past_only(inspection):
