@@ -31,7 +31,8 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 from compare import CACHE, Peer, Server, free_port, make_checkpoint  # noqa: E402
-from gptserve.server.structured import JSON_LAYOUT, closed_objects  # noqa: E402
+from gptserve.server.schema_rewrite import prepare_schema  # noqa: E402
+from gptserve.server.structured import JSON_LAYOUT  # noqa: E402
 from tests.server.test_structured import SCHEMAS  # noqa: E402
 
 INSTANCES = {  # one valid answer per schema, as llguidance's default JSON layout writes it
@@ -65,7 +66,7 @@ def engines(tokenizer) -> dict:
     bitmask = llguidance.torch.allocate_token_bitmask(1, tokenizer.vocab_size)
     for name, schema in SCHEMAS.items():
         t = time.perf_counter()
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides=JSON_LAYOUT)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(prepare_schema(schema, True), overrides=JSON_LAYOUT)
         matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         cold = time.perf_counter() - t
         t = time.perf_counter()

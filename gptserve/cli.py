@@ -175,6 +175,25 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings, help="most stop strings")
     limits.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
                         help="longest stop string, in characters")
+    structured = p.add_argument_group("structured outputs and tools", "limits on what response_format, "
+                                      "structured_outputs and tools give the grammar engine (a request over one is "
+                                      "refused with 400, the message naming the limit), and how JSON is written")
+    structured.add_argument("--max-schema-depth", type=int, default=d.max_schema_depth,
+                            help="deepest nesting of a JSON Schema document (its objects and arrays)")
+    structured.add_argument("--max-schema-size", type=int, default=d.max_schema_size,
+                            help="most values in a JSON Schema document; a request's tools count together")
+    structured.add_argument("--max-choices", type=int, default=d.max_choices,
+                            help="most strings in structured_outputs.choice")
+    structured.add_argument("--max-tools", type=int, default=d.max_tools, help="most tools in one request")
+    structured.add_argument("--max-grammar-length", type=int, default=d.max_grammar_length,
+                            help="longest regex or Lark grammar, in characters")
+    structured.add_argument("--max-regex-repetition", type=int, default=d.max_regex_repetition,
+                            help="how far a counted repetition of a regex or Lark grammar (a{n}, item~n) may "
+                                 "expand: what it repeats times its count, times the counts around it")
+    structured.add_argument("--no-json-number-bounds", action="store_true",
+                            help="leave JSON numbers a schema does not bound unbounded (by default an integer is "
+                                 "held to |n| <= 2^53-1, a number to 17 significant digits, 10 decimals, no "
+                                 "exponent)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -189,7 +208,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         max_top_logprobs=args.max_top_logprobs, max_stop_strings=args.max_stop_strings,
                         max_stop_length=args.max_stop_length, stream_send_timeout=args.stream_send_timeout,
                         state_dir=args.state_dir, store_responses=not args.no_store,
-                        max_stored_responses=args.max_stored_responses)
+                        max_stored_responses=args.max_stored_responses, max_schema_depth=args.max_schema_depth,
+                        max_schema_size=args.max_schema_size, max_choices=args.max_choices, max_tools=args.max_tools,
+                        max_grammar_length=args.max_grammar_length, max_regex_repetition=args.max_regex_repetition,
+                        json_number_bounds=not args.no_json_number_bounds)
 
 
 def _ray_args(p: argparse.ArgumentParser) -> None:

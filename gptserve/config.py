@@ -147,3 +147,11 @@ class ServerConfig:
     state_dir: str | None = None  # where stored responses live; None: the user's state directory
     store_responses: bool = True  # False: the Responses API stores nothing (--no-store)
     max_stored_responses: int = 10_000  # past this, the oldest stored responses are forgotten
+    # structured outputs and tools (server/structured_limits.py): what the grammar engine may be given
+    max_schema_depth: int = 64  # nesting of a JSON Schema document, its objects and arrays
+    max_schema_size: int = 10_000  # values in a JSON Schema document (all of a request's tools together)
+    max_choices: int = 10_000  # strings in structured_outputs.choice
+    max_tools: int = 128  # tools in one request (OpenAI's own limit)
+    max_grammar_length: int = 65_536  # characters of a regex or a Lark grammar
+    max_regex_repetition: int = 4096  # how far a counted repetition may expand (server/repetition.py)
+    json_number_bounds: bool = True  # bound JSON numbers a schema leaves unbounded (server/schema_rewrite.py)

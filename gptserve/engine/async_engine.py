@@ -8,6 +8,8 @@ a queue and gets each step's outputs back in one call_soon_threadsafe hand-off p
 into one asyncio.Queue per request. What both threads read, the request streams and
 whether the loop is dead or stopping, changes only under `_lock`, so a request either
 registers before the loop dies (and is told it died) or sees it dead and fails at once.
+A request's grammar is compiled before the request goes in (`LLMEngine.prepare_grammar`,
+on the grammar threads), so the step loop never compiles one.
 
 Why one thread does all tensor work: PyTorch's OpenMP runtime (libgomp) keeps a pool of
 worker threads for each thread that runs a parallel op, and once more pool threads exist
@@ -25,6 +27,7 @@ import threading
 from typing import AsyncIterator, Callable, TypeVar
 
 from gptserve.config import EngineConfig
+from gptserve.engine.grammar import GrammarError
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.outputs import (EngineDeadError, EngineStats, Inspection, RequestFailedError,
                                      RequestOutput)
@@ -84,6 +87,10 @@ class AsyncEngine:
     # ---- requests ---------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
+        if params.grammar is not None:  # a GrammarError raises here, before the request exists
+            # shielded: the compile is shared by every request with this grammar, and a caller
+            # that goes away must not cancel it for the others
+            await asyncio.shield(asyncio.wrap_future(self.engine.prepare_grammar(params.grammar)))
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._check_running()
@@ -100,6 +107,8 @@ class AsyncEngine:
                     raise item
                 if item.error is not None:
                     ended = True
+                    if item.grammar_failed:
+                        raise GrammarError(f"request {request_id} failed: {item.error}")
                     raise RequestFailedError(request_id, item.error)
                 ended = item.finished
                 yield item

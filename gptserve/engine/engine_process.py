@@ -6,7 +6,7 @@ replica does while its GPU runs; with one process per GPU those run side by side
 child binds its GPU before any CUDA work, loads the model, and answers calls one at a time.
 
 The parent's side, `EngineProcess`, has the methods of LLMEngine that AsyncEngine uses
-(add_request, abort, step, has_unfinished, stats, embed, inspect), so a replica in a
+(add_request, abort, step, has_unfinished, stats, embed, inspect, prepare_grammar), so a replica in a
 process is `AsyncEngine(model, config, engine=EngineProcess(model, config))`: request
 streams, aborts and errors go through the same code as in-process. Each call is one round
 trip, and its reply carries the engine's stats and whether it has work, so those cost none.
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 
 from gptserve.config import EngineConfig
+from gptserve.engine.grammar import GrammarCompiler
 from gptserve.engine.outputs import EngineDeadError
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,15 @@ class EngineProcess:
         self.model_config = payload["model_config"]
         self.precision = payload["precision"]
         self.limits = payload["limits"]
+        self._grammars = GrammarCompiler(self.tokenizer, self.limits.vocab_size)  # the engine's own width
         self._stats = payload["stats"]
+
+    def prepare_grammar(self, grammar: str) -> Future:
+        """Compile and probe the grammar here, in the parent, so that a grammar that can't be
+        used is refused before its request goes in; the child compiles it again when the
+        request is added (the pipe carries no compiled grammars), which holds that replica's
+        steps but not the server."""
+        return self._grammars.prepare(grammar)
 
     # ---- LLMEngine's methods, run in the child ----------------------------------------------
     def add_request(self, request_id, prompt_token_ids, params) -> None:

@@ -7,11 +7,19 @@ a list of choices, a Lark grammar or a set of tools, server/structured.py). llgu
 tokenizer's byte-level vocabulary and keeps a matcher per sequence; each step the masks
 of all constrained rows are filled at once by its thread pool (`fill_next_token_bitmask_par`,
 which drops the GIL), started before the forward pass and applied to the logits after it.
-A compiled grammar is cached by its text; each sequence gets a copy of the compiled
-matcher.
+
+A grammar is compiled once, cached by its text, on the grammar threads (grammar_workers.py):
+`prepare` is called when a request arrives (AsyncEngine.generate awaits it), so the step
+loop only copies the compiled matcher for each sequence. Compiling also probes the grammar
+(`_probe`): the masks of its first tokens are computed, so that a grammar that breaks one
+of llguidance's limits (PARSER_LIMITS) or whose masks are too slow to follow is refused
+before its request starts, not after its first token.
 """
 from __future__ import annotations
 
+import re
+import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -21,45 +29,125 @@ import llguidance.torch
 import numpy as np
 import torch
 
+from gptserve.engine.grammar_workers import run_deep
 from gptserve.engine.outputs import EngineError
 from gptserve.model.tokenizer import Tokenizer
 
 CACHE_SIZE = 256  # compiled grammars kept
+# llguidance's own defaults, spelled out: the server checks grammars against the same ones;
+# verbose errors would put the parser's state and the grammar in the message
+PARSER_LIMITS = llguidance.LLParserLimits(
+    max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
+    max_lexer_states=250_000, max_grammar_size=500_000, precompute_large_lexemes=True, verbose_errors=False)
+PROBE_TOKENS = 8  # tokens of a grammar walked at admission
+MASK_BUDGET_S = 0.25  # a mask slower than this would hold every step of the batch back
+# llguidance's words for each limit it enforces (LLParserLimits' fields)
+LIMIT_MESSAGES = {
+    "max_items_in_row": re.compile(r"row has \d+ items"),
+    "step_max_items": re.compile(r"Too many items"),
+    "max_lexer_states": re.compile(r"too many states"),
+    "max_grammar_size": re.compile(r"grammar size .*too big"),
+    "initial_lexer_fuel": re.compile(r"initial lexer configuration|lexer precomputation failed|too many expressions"),
+    "step_lexer_fuel": re.compile(r"fuel exhausted"),
+}
 
 
 class GrammarError(EngineError, ValueError):
-    """The grammar does not compile (a bad schema, regex or Lark text)."""
+    """The grammar does not compile (a bad schema, regex or Lark text), breaks one of the
+    grammar engine's limits, or is too slow to follow."""
+
+
+def limit_of(message: str) -> str | None:
+    """The LLParserLimits field an llguidance error message reports, if it reports one."""
+    return next((name for name, pattern in LIMIT_MESSAGES.items() if pattern.search(message)), None)
+
+
+def describe(message: str) -> str:
+    """llguidance's error message, naming the limit it hit (and its value) when it hit one."""
+    message = message.replace("<non-verbose/>", "").strip()
+    limit = limit_of(message)
+    if limit is None:
+        return message
+    return f"{message} (the grammar engine's limit {limit}, {getattr(PARSER_LIMITS, limit)})"
 
 
 class GrammarCompiler:
-    """Grammars compiled for one tokenizer, and the batch's masks."""
+    """Grammars compiled for one tokenizer, and the batch's masks. prepare and matcher may
+    be called from any thread."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.lltokenizer = llguidance.tiktoken.lltokenizer_from_encoding(
-            tokenizer.encoding, n_vocab=vocab_size, eos_token=tokenizer.eos_token_id)
-        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._lltokenizer: llguidance.LLTokenizer | None = None  # built by the first compile: it takes a second
+        self._compiled: OrderedDict[str, Future] = OrderedDict()  # grammar -> Future[LLMatcher]
+        self._lock = threading.Lock()  # the cache's
+        self._tokenizer_lock = threading.Lock()  # held while the tokenizer is built, not while the cache is read
         self._executor = llguidance.LLExecutor()
         self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="gptserve-masks")
 
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        """A fresh matcher for one sequence (the grammar compiled once, then copied)."""
-        compiled = self._compiled.get(grammar)
-        if compiled is None:
-            compiled = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
-            if compiled.is_error():
-                raise GrammarError(f"the grammar does not compile: {compiled.get_error()}")
-            self._compiled[grammar] = compiled
+    def prepare(self, grammar: str) -> Future:
+        """The compiled grammar, as a future: cached, or being compiled and probed on the
+        grammar threads. Its exception is a GrammarError for a grammar that can't be used."""
+        with self._lock:
+            future = self._compiled.get(grammar)
+            if future is not None and not future.cancelled():
+                self._compiled.move_to_end(grammar)
+                return future
+            future = self._compiled[grammar] = run_deep(self._compile, grammar)
             if len(self._compiled) > CACHE_SIZE:
                 self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(grammar)
-        return compiled.deep_copy()
+            return future
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A fresh matcher for one sequence: a copy of the compiled grammar (compiled here
+        and now, waiting for the grammar threads, if nobody prepared it)."""
+        return self.prepare(grammar).result().deep_copy()
+
+    def _compile(self, grammar: str) -> llguidance.LLMatcher:
+        compiled = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0, limits=PARSER_LIMITS)
+        if compiled.is_error():
+            raise GrammarError(f"the grammar does not compile: {describe(compiled.get_error())}")
+        self._probe(compiled)
+        return compiled
+
+    def _tokenizer(self) -> llguidance.LLTokenizer:
+        with self._tokenizer_lock:
+            if self._lltokenizer is None:
+                self._lltokenizer = llguidance.tiktoken.lltokenizer_from_encoding(
+                    self.tokenizer.encoding, n_vocab=self.vocab_size, eos_token=self.tokenizer.eos_token_id)
+            return self._lltokenizer
+
+    def _probe(self, compiled: llguidance.LLMatcher) -> None:
+        """Walk the grammar's first PROBE_TOKENS tokens (each time the lowest allowed token
+        other than EOS), timing each mask: llguidance checks some limits (the parser's row
+        items, above all) only once tokens arrive, and a mask too slow for a step is a grammar
+        the engine can't follow either."""
+        matcher, eos = compiled.deep_copy(), self.tokenizer.eos_token_id
+        for position in range(PROBE_TOKENS):
+            started = time.perf_counter()
+            mask = matcher.compute_bitmask()
+            took = time.perf_counter() - started
+            if matcher.is_error():
+                raise GrammarError(f"the grammar fails at token {position + 1}: {describe(matcher.get_error())}")
+            if took > MASK_BUDGET_S:
+                raise GrammarError(f"the grammar is too slow to follow: the mask of its token {position + 1} took "
+                                   f"{took * 1000:.0f} ms, more than the {MASK_BUDGET_S * 1000:.0f} ms a step can wait")
+            bits = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")[:self.vocab_size]
+            allowed = np.flatnonzero(bits)
+            allowed = allowed[allowed != eos]
+            if not allowed.size:
+                return
+            matcher.consume_token(int(allowed[0]))
+            if matcher.is_error():
+                raise GrammarError(f"the grammar fails at token {position + 1}: {describe(matcher.get_error())}")
+            if matcher.is_stopped():
+                return
 
     def start_masks(self, matchers: list[llguidance.LLMatcher | None]) -> Future | None:
         """Begin filling the allowed-token masks of the constrained rows (None: unconstrained)
         on the mask thread, to overlap the forward pass. The future's result: (row indices,
-        packed bitmask of those rows). None when no row is constrained."""
+        packed bitmask of those rows). None when no row is constrained. A matcher that fails
+        while its mask is computed allows EOS alone, and the engine fails its request when
+        it consumes the token (LLMEngine._append_token)."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from gptserve.config import EngineConfig, ModelConfig
 from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.detokenizer import StreamDetokenizer
-from gptserve.engine.grammar import GrammarCompiler, GrammarError
+from gptserve.engine.grammar import GrammarCompiler, GrammarError, describe
 from gptserve.engine.limits import EngineLimits
 from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.outputs import ChoiceDelta, EngineStats, FinishReason, Inspection, RequestOutput
@@ -94,7 +95,7 @@ class LLMEngine:
         self.spec_stats = SpeculationStats()
         self._spec_logged = (time.monotonic(), 0)  # when the last log line was written, at how many guesses
         self.requests: dict[str, Request] = {}
-        self._grammars: GrammarCompiler | None = None  # built at the first constrained request
+        self.grammars = GrammarCompiler(self.tokenizer, vocab_size)  # cheap until a grammar comes
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.sequences_finished: dict[str, int] = {}  # by finish reason
@@ -121,6 +122,12 @@ class LLMEngine:
         self.scheduler.add(seqs[0])
         self.prompt_tokens += len(prompt_token_ids)
 
+    def prepare_grammar(self, grammar: str) -> Future:
+        """Compile (and probe) a grammar on the grammar threads, before its request is added,
+        so that add_request only copies it; callable from any thread. The future's exception
+        is the GrammarError that add_request would raise."""
+        return self.grammars.prepare(grammar)
+
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
         """End a request now, its blocks freed; the output says so (None: no such request)."""
         req = self.requests.pop(request_id, None)
@@ -146,7 +153,7 @@ class LLMEngine:
         scored = batch.scored  # before the step counts its tokens as computed
         try:
             due = batch.due
-            masks = self._grammars.start_masks([s.matcher for s in due]) if self._grammars is not None else None
+            masks = self.grammars.start_masks([s.matcher for s in due])
             sampled, out = self.runner.run(batch, masks)
         except Exception as e:  # noqa: BLE001 - a failed forward fails its batch, not the engine
             log.exception("model step failed; failing the %d requests in it", batch.num_tokens)
@@ -163,6 +170,12 @@ class LLMEngine:
                 continue
             try:
                 self._append_tokens(seq, tokens, logprobs)
+            except GrammarError as e:  # its grammar broke a limit the admission probe did not reach
+                log.warning("request %s: its grammar failed after %d tokens: %s", seq.request_id,
+                            seq.num_output_tokens, e)
+                failed.append(self._fail(seq.request_id, str(e), grammar=True))
+                touched.pop(seq.request_id, None)
+                continue
             except Exception as e:  # noqa: BLE001 - one request's failure stays its own
                 log.exception("request %s failed", seq.request_id)
                 failed.append(self._fail(seq.request_id, repr(e)))
@@ -263,8 +276,10 @@ class LLMEngine:
         if logprob is not None:
             seq.new_logprobs.append(logprob)
         p = seq.params
-        if seq.matcher is not None and not seq.matcher.consume_token(token):
-            raise GrammarError(f"token {token} broke the grammar: {seq.matcher.get_error()}")
+        if seq.matcher is not None and (not seq.matcher.consume_token(token) or seq.matcher.is_error()):
+            # a matcher that failed while its mask was computed allowed EOS alone, and takes it
+            raise GrammarError(f"the grammar failed at output token {seq.num_output_tokens}: "
+                               f"{describe(seq.matcher.get_error())}")
         if token == self.tokenizer.eos_token_id and (not p.ignore_eos or seq.matcher is not None):
             return self._finish(seq, FinishReason.STOP, None)
         if token in p.stop_token_ids:
@@ -288,9 +303,10 @@ class LLMEngine:
             self.proposer.release(seq)
         self.sequences_finished[reason.value] = self.sequences_finished.get(reason.value, 0) + 1
 
-    def _fail(self, request_id: str, message: str) -> RequestOutput:
+    def _fail(self, request_id: str, message: str, grammar: bool = False) -> RequestOutput:
+        """End the request as failed; `grammar`: by its own grammar, not by the engine."""
         self.abort(request_id, FinishReason.ERROR)
-        return RequestOutput(request_id, [], [], finished=True, error=message)
+        return RequestOutput(request_id, [], [], finished=True, error=message, grammar_failed=grammar)
 
     def _output(self, req: Request) -> RequestOutput:
         choices = []
@@ -311,12 +327,6 @@ class LLMEngine:
         if finished:
             del self.requests[req.request_id]
         return out
-
-    @property
-    def grammars(self) -> GrammarCompiler:
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.limits.vocab_size)
-        return self._grammars
 
     # ---- introspection -------------------------------------------------------------------
     def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:

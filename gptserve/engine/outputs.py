@@ -41,6 +41,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[Logprob | None] | None = None  # first output only, when asked
     error: str | None = None  # set when the engine failed this request (finished is True)
+    grammar_failed: bool = False  # the failure was the request's own grammar's (a client error), not the engine's
 
 
 @dataclass

@@ -74,8 +74,9 @@ class ServingChat:
         ctx.check_limits(n=req.n, max_tokens=req.max_new_tokens(), max_tokens_param=max_tokens_param,
                          logprobs=req.num_logprobs(), logprobs_param="top_logprobs", stop=req.stop_strings)
         legacy = req.functions is not None  # one function_call, never several
-        plan = tool_plan(req.tool_list, req.tool_choice_or_legacy, False if legacy else req.parallel_tool_calls)
-        output_format, format_param = format_grammar(req.response_format, req.structured_outputs)
+        plan = await tool_plan(req.tool_list, req.tool_choice_or_legacy, False if legacy else req.parallel_tool_calls,
+                               ctx.config)
+        output_format, format_param = await format_grammar(req.response_format, req.structured_outputs, ctx.config)
         generation = open_chat(ctx, req.messages, plan, output_format, format_param,
                                lambda stop, grammar: req.to_sampling_params(extra_stop=stop, grammar=grammar),
                                f"chatcmpl-{uuid.uuid4().hex}")

@@ -67,7 +67,7 @@ class ServingCompletion:
         ctx.check_limits(n=req.n, max_tokens=req.max_new_tokens(), max_tokens_param="max_tokens",
                          logprobs=req.num_logprobs(), logprobs_param="logprobs", stop=req.stop_strings)
         prompts, prompt_texts = self._prompts(req)
-        grammar, grammar_param = format_grammar(req.response_format, req.structured_outputs)
+        grammar, grammar_param = await format_grammar(req.response_format, req.structured_outputs, ctx.config)
         try:
             params = req.to_sampling_params(grammar=grammar)
         except InvalidSamplingParams as e:  # completions call top_logprobs `logprobs`

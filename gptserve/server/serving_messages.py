@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
+from gptserve.config import ServerConfig
 from gptserve.server.errors import APIError, anthropic_error_body
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
 from gptserve.server.protocol import (ChatMessage, FunctionCallInMessage, FunctionDefinition, NamedFunction,
@@ -74,7 +75,7 @@ def chat_messages(req: ConversationRequest) -> list[ChatMessage]:
     return messages
 
 
-def chat_tools(req: ConversationRequest) -> ToolPlan | None:
+async def chat_tools(req: ConversationRequest, config: ServerConfig) -> ToolPlan | None:
     """The tools as ours; tool_choice auto, any, tool and none as "auto", "required", a
     named function and "none"; disable_parallel_tool_use as parallel_tool_calls false."""
     tools = [Tool(type="function", function=FunctionDefinition(name=t.name, description=t.description,
@@ -87,7 +88,8 @@ def chat_tools(req: ConversationRequest) -> ToolPlan | None:
         tool_choice = NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
     else:
         tool_choice = "required" if choice.type == "any" else "none"
-    return tool_plan(tools or None, tool_choice, not (choice is not None and choice.disable_parallel_tool_use))
+    return await tool_plan(tools or None, tool_choice, not (choice is not None and choice.disable_parallel_tool_use),
+                           config)
 
 
 # --- the answer ---------------------------------------------------------------------------
@@ -175,7 +177,7 @@ class ServingMessages:
         ctx.check_ready()
         ctx.check_limits(max_tokens=req.max_tokens, max_tokens_param="max_tokens", stop=req.stop_strings,
                          stop_param="stop_sequences")
-        plan = chat_tools(req)
+        plan = await chat_tools(req, ctx.config)
         generation = open_chat(ctx, chat_messages(req), plan, None, "output_config", req.to_sampling_params,
                                f"msg_{uuid.uuid4().hex[:24]}", add_generation_prompt=not req.prefilled)
         return await ctx.respond(request, generation, bool(req.stream),
@@ -185,7 +187,8 @@ class ServingMessages:
     async def count_tokens(self, req: CountTokensRequest) -> CountTokensResponse:
         """The prompt's tokens as a create call with this conversation and these tools sends them."""
         self.ctx.check_model(req.model)
-        prompt = chat_prompt(self.ctx, chat_messages(req), chat_tools(req), add_generation_prompt=not req.prefilled)
+        plan = await chat_tools(req, self.ctx.config)
+        prompt = chat_prompt(self.ctx, chat_messages(req), plan, add_generation_prompt=not req.prefilled)
         return CountTokensResponse(input_tokens=len(prompt))
 
     def _message(self, generation: Generation, content: list[ContentBlock], usage: Usage) -> MessagesResponse:

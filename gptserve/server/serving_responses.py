@@ -48,7 +48,8 @@ class ServingResponses:
                          logprobs=logprobs, logprobs_param="top_logprobs")
         items = stored_items(req.input)
         conversation = await self._conversation(req.previous_response_id) + items
-        plan = tool_plan(self._tools(req), self._tool_choice(req), req.parallel_tool_calls)
+        plan = await tool_plan(self._tools(req), self._tool_choice(req), req.parallel_tool_calls, ctx.config)
+        text_format = await text_format_grammar(req.text.format if req.text else None, ctx.config)
 
         def sampling(stop: list[str], grammar: str | None) -> SamplingParams:
             return SamplingParams(max_tokens=req.max_output_tokens, logprobs=logprobs, stop=stop, grammar=grammar,
@@ -57,8 +58,7 @@ class ServingResponses:
                                   top_p=1.0 if req.top_p is None else req.top_p)
 
         response = self._response(req, new_id("resp"))
-        generation = open_chat(ctx, chat_messages(req.instructions, conversation), plan,
-                               text_format_grammar(req.text.format if req.text else None), "text.format",
+        generation = open_chat(ctx, chat_messages(req.instructions, conversation), plan, text_format, "text.format",
                                sampling, response.id, prompt_param="input")
         writer = OutputWriter(ctx.tokenizer, plan, req.wants_logprobs)
         return await ctx.respond(

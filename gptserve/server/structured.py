@@ -8,79 +8,92 @@ A tool call is written as the default chat template teaches:
     <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
 
 With `tool_choice` "required" or a named function the grammar allows only calls of the
-allowed tools, each one's arguments held to its `parameters` schema (objects that list
-their properties take no others unless they say so, as in vLLM); with "auto" it allows
+allowed tools, each one's arguments held to its `parameters` schema; with "auto" it allows
 either such calls or text whose first non-blank character is not "<" (so text can't be a
-broken call).
+broken call). Schemas are rewritten first (schema_rewrite.py): objects closed, numbers
+bounded.
 Bad input (a schema that is not JSON Schema, one the grammar engine can't compile, a
-regex or Lark grammar that does not compile, a tool_choice naming an unknown tool) is a
-400 naming the parameter, before anything is generated.
+regex or Lark grammar that does not compile, a tool_choice naming an unknown tool) and
+input past the server's limits (structured_limits.py) is a 400 naming the parameter,
+before anything is generated. Checking and compiling a large grammar takes seconds, so
+`format_grammar`, `text_format_grammar` and `tool_plan` do it on the grammar threads
+(engine/grammar_workers.py), never on the event loop, and only when there is a grammar.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
-import jsonschema
+import jsonschema_rs
 import llguidance
 
+from gptserve.config import ServerConfig
+from gptserve.engine.grammar import PARSER_LIMITS, describe
+from gptserve.engine.grammar_workers import run_deep
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (FunctionCall, NamedToolChoice, ResponseFormat, StructuredOutputs, Tool,
                                       ToolCall, ToolCallDelta)
 from gptserve.server.protocol.responses import TextFormat
 from gptserve.server.protocol.structured import FunctionCallDelta
+from gptserve.server.schema_rewrite import prepare_schema, rebase_refs
+from gptserve.server.structured_limits import (check_choices, check_lark, check_regex, check_schema_shape,
+                                               check_tool_count, check_tools_size)
 
+T = TypeVar("T")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 ANY_JSON_OBJECT = {"type": "object"}
 # JSON written one way, as json.dumps writes it: free whitespace lets a small model wander
 # in blanks until max_tokens
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+# the dialects the meta-schema check knows; another $schema is read as the latest, never fetched
+KNOWN_DIALECT = re.compile(r"^https?://json-schema\.org/(draft-0[4-7]/schema|draft/20(19-09|20-12)/schema)#?$")
+REGEX_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$#&\-~])")  # what the regex crate (llguidance's syntax) escapes
 
 
-def closed_objects(schema: Any) -> Any:
-    """The schema with every object that lists its properties closed to others, unless it
-    says otherwise (as vLLM's default): a small model let loose on extra keys invents them
-    until max_tokens."""
-    if isinstance(schema, list):
-        return [closed_objects(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed_objects(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
+async def _off_loop(fn: Callable[..., T], *args) -> T:
+    """fn(*args) on a grammar thread: checks and compiles that may take seconds."""
+    return await asyncio.wrap_future(run_deep(fn, *args))
 
 
 def _checked(grammar: str, param: str) -> str:
-    error = llguidance.LLMatcher.validate_grammar(grammar)
+    error = llguidance.LLMatcher.validate_grammar(grammar, limits=PARSER_LIMITS)
     if error:
-        raise InvalidRequestError(f"{param} can't be compiled to a grammar: {error}", param=param)
+        raise InvalidRequestError(f"{param} can't be compiled to a grammar: {describe(error)}", param=param)
     return grammar
 
 
-def _check_schema(schema: dict, what: str, param: str) -> None:
+def _check_schema(schema: Any, what: str, param: str) -> None:
     """400 naming `param` unless `schema` is a valid JSON Schema (`what` says whose it is)."""
+    if isinstance(schema, dict) and "$schema" in schema and not KNOWN_DIALECT.match(str(schema["$schema"])):
+        schema = {k: v for k, v in schema.items() if k != "$schema"}
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise InvalidRequestError(f"{what} is not a valid JSON Schema: {e.message}", param=param) from None
+        jsonschema_rs.meta.validate(schema)
+    except jsonschema_rs.ValidationError as e:
+        where = "/".join(map(str, e.instance_path))
+        at = f" (at /{where})" if where else ""
+        raise InvalidRequestError(f"{what} is not a valid JSON Schema: {e.message}{at}", param=param) from None
+    except (jsonschema_rs.ReferencingError, ValueError, TypeError, OverflowError) as e:
+        raise InvalidRequestError(f"{what} is not a valid JSON Schema: {e}", param=param) from None
 
 
-def _schema_grammar(schema: Any, param: str) -> str:
+def _schema_grammar(schema: Any, param: str, config: ServerConfig) -> str:
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise InvalidRequestError(f"{param} is not valid JSON: {e}", param=param) from None
     if not isinstance(schema, dict):
         raise InvalidRequestError(f"{param} must be a JSON Schema object", param=param)
+    check_schema_shape(schema, param, config)
     _check_schema(schema, param, param)
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides=JSON_LAYOUT)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(prepare_schema(schema, config.json_number_bounds),
+                                                                overrides=JSON_LAYOUT)
     except ValueError as e:
         raise InvalidRequestError(f"{param} can't be compiled to a grammar: {e}", param=param) from None
     return _checked(grammar, param)
@@ -90,39 +103,48 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lark string literal
 
 
-def format_grammar(response_format: ResponseFormat | None,
-                   structured: StructuredOutputs | None) -> tuple[str | None, str]:
+def _regex_literal(text: str) -> str:
+    return REGEX_SPECIAL.sub(r"\\\1", text)
+
+
+async def format_grammar(response_format: ResponseFormat | None, structured: StructuredOutputs | None,
+                         config: ServerConfig) -> tuple[str | None, str]:
     """The grammar of `response_format` or `structured_outputs` (at most one may be given),
     and the field it came from (for the engine's errors about it)."""
     if response_format is not None and structured is not None and response_format.type != "text":
         raise InvalidRequestError("give response_format or structured_outputs, not both", param="structured_outputs")
     if structured is not None:
-        return _structured_grammar(structured), "structured_outputs"
+        return await _off_loop(_structured_grammar, structured, config), "structured_outputs"
     if response_format is None or response_format.type == "text":
         return None, "response_format"
     if response_format.type == "json_object":
-        return _schema_grammar(ANY_JSON_OBJECT, "response_format"), "response_format"
-    return (_schema_grammar(response_format.json_schema.schema_, "response_format.json_schema.schema"),
-            "response_format")
+        return await _off_loop(_schema_grammar, ANY_JSON_OBJECT, "response_format", config), "response_format"
+    return (await _off_loop(_schema_grammar, response_format.json_schema.schema_,
+                            "response_format.json_schema.schema", config), "response_format")
 
 
-def text_format_grammar(text_format: TextFormat | None) -> str | None:
+async def text_format_grammar(text_format: TextFormat | None, config: ServerConfig) -> str | None:
     """The grammar of the Responses API's `text.format`."""
     if text_format is None or text_format.type == "text":
         return None
     if text_format.type == "json_object":
-        return _schema_grammar(ANY_JSON_OBJECT, "text.format")
-    return _schema_grammar(text_format.schema_, "text.format.schema")
+        return await _off_loop(_schema_grammar, ANY_JSON_OBJECT, "text.format", config)
+    return await _off_loop(_schema_grammar, text_format.schema_, "text.format.schema", config)
 
 
-def _structured_grammar(structured: StructuredOutputs) -> str:
+def _structured_grammar(structured: StructuredOutputs, config: ServerConfig) -> str:
     if structured.json_ is not None:
-        return _schema_grammar(structured.json_, "structured_outputs.json")
+        return _schema_grammar(structured.json_, "structured_outputs.json", config)
     if structured.regex is not None:
+        check_regex(structured.regex, "structured_outputs.regex", config)
         return _checked(llguidance.LLMatcher.grammar_from_regex(structured.regex), "structured_outputs.regex")
     if structured.choice is not None:
-        lark = "start: " + " | ".join(_lark_string(c) for c in structured.choice)
-        return _checked(llguidance.LLMatcher.grammar_from_lark(lark), "structured_outputs.choice")
+        check_choices(structured.choice, config)
+        # one alternation, one lexeme: a Lark rule per choice puts them all in one parser row,
+        # which llguidance caps (max_items_in_row), and compiles far slower
+        regex = "|".join(_regex_literal(c) for c in structured.choice)
+        return _checked(llguidance.LLMatcher.grammar_from_regex(regex), "structured_outputs.choice")
+    check_lark(structured.grammar, "structured_outputs.grammar", config)
     return _checked(llguidance.LLMatcher.grammar_from_lark(structured.grammar), "structured_outputs.grammar")
 
 
@@ -140,40 +162,49 @@ class ToolPlan:
         return self.choice != "none" and bool(self.tools)
 
 
-def tool_plan(tools: list[Tool] | None, tool_choice: str | NamedToolChoice | None,
-              parallel_tool_calls: bool | None) -> ToolPlan | None:
+async def tool_plan(tools: list[Tool] | None, tool_choice: str | NamedToolChoice | None,
+                    parallel_tool_calls: bool | None, config: ServerConfig) -> ToolPlan | None:
     """None when no tools are offered; else the grammar their choice allows."""
     if not tools:
         if tool_choice not in (None, "none"):
             raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
         return None
+    check_tool_count(len(tools), config)
     names = [t.function.name for t in tools]
     choice = tool_choice.function.name if isinstance(tool_choice, NamedToolChoice) else (tool_choice or "auto")
     if isinstance(tool_choice, NamedToolChoice) and choice not in names:
         raise InvalidRequestError(f"tool_choice names '{choice}', which is not one of the tools ({', '.join(names)})",
                                   param="tool_choice")
     plan = ToolPlan(tools, choice, parallel_tool_calls is not False)
-    if choice == "none":
-        return plan
-    allowed = [t for t in tools if choice in ("auto", "required") or t.function.name == choice]
+    if choice != "none":
+        plan.grammar = await _off_loop(_tools_grammar, plan, config)
+    return plan
+
+
+def _tools_grammar(plan: ToolPlan, config: ServerConfig) -> str:
+    names = [t.function.name for t in plan.tools]
+    allowed = [t for t in plan.tools if plan.choice in ("auto", "required") or t.function.name == plan.choice]
+    params = [(tool.function.parameters or NO_ARGUMENTS, f"tools[{names.index(tool.function.name)}]")
+              for tool in allowed]
+    check_tools_size([check_schema_shape(schema, param, config) for schema, param in params], config)
     variants = []
-    for tool in allowed:
-        parameters = tool.function.parameters or NO_ARGUMENTS
-        _check_schema(parameters, f"the parameters of tool '{tool.function.name}'",
-                      f"tools[{names.index(tool.function.name)}]")
+    for tool, (parameters, param) in zip(allowed, params):
+        _check_schema(parameters, f"the parameters of tool '{tool.function.name}'", param)
+        # the arguments' own $refs point into them where they now sit, inside the call's schema
+        where = "/properties/arguments" if len(allowed) == 1 else f"/anyOf/{len(variants)}/properties/arguments"
+        arguments = rebase_refs(prepare_schema(parameters, config.json_number_bounds), where)
         variants.append({"type": "object", "properties": {"name": {"const": tool.function.name},
-                                                          "arguments": closed_objects(parameters)},
+                                                          "arguments": arguments},
                          "required": ["name", "arguments"], "additionalProperties": False})
     call_schema = json.dumps({**(variants[0] if len(variants) == 1 else {"anyOf": variants}),
                               "x-guidance": JSON_LAYOUT})
     more = ' ("\\n" call)*' if plan.parallel else ""
-    lark = (f"start: {'calls | TEXT' if choice == 'auto' else 'calls'}\n"
+    lark = (f"start: {'calls | TEXT' if plan.choice == 'auto' else 'calls'}\n"
             f'calls: " "? call{more}\n'  # GPT-2 likes a space after "Assistant:"
             f"call: {_lark_string(CALL_OPEN)} body {_lark_string(CALL_CLOSE)}\n"
             f"body: %json {call_schema}\n"
             "TEXT: /\\s*[^<\\s][\\s\\S]*/\n")  # text: whatever does not begin like a call
-    plan.grammar = _checked(llguidance.LLMatcher.grammar_from_lark(lark), "tools")
-    return plan
+    return _checked(llguidance.LLMatcher.grammar_from_lark(lark), "tools")
 
 
 _CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)

@@ -10,7 +10,7 @@ from pathlib import Path
 import gptserve.engine
 
 SERVER_ONLY = ("fastapi", "uvicorn", "pydantic", "pydantic_core", "starlette", "sse_starlette", "jinja2",
-               "prometheus_client", "httpx", "jsonschema", "platformdirs")
+               "prometheus_client", "httpx", "jsonschema_rs", "platformdirs")
 ENGINE_MODULES = sorted(p.stem for p in Path(gptserve.engine.__file__).parent.glob("*.py") if p.stem != "__init__")
 
 CHECK = f"""
