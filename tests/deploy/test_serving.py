@@ -18,7 +18,7 @@ PROMPTS = [f"Request {i} asks about the weather in city number {i}." for i in ra
 
 @pytest.fixture(scope="module")
 def single_server(replica_checkpoint: Path) -> Iterator[RunningServer]:
-    running = start_server(replica_checkpoint)
+    running = start_server(replica_checkpoint, {"dtype": "float32"})  # as the application's engines (conftest.py)
     yield running
     running.stop()
 
