@@ -34,8 +34,9 @@ RECURSIVE = {"$defs": {"node": {"type": "object", "properties": {
     "v": {"type": "integer", "minimum": 0, "maximum": 9}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"},
                                                                    "maxItems": 2}},
     "required": ["v", "kids"]}}, "type": "object", "$ref": "#/$defs/node"}
-ANY_OF_OBJECTS = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "boolean"}}, "required": [f"k{i}"]}
-                            for i in range(1200)]}
+def any_of_objects(n: int) -> dict:
+    return {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "boolean"}}, "required": [f"k{i}"]}
+                      for i in range(n)]}
 
 
 def json_schema(schema: dict) -> dict:
@@ -59,15 +60,16 @@ CHAT_CASES = {
     "a schema of 5,000 properties": (json_schema(wide_schema(5000)), 400, "response_format.json_schema.schema"),
     # within the size limit, but 2,000 optional properties overflow the parser's rows at "{"
     "a schema of 2,000 optional properties": (json_schema(wide_schema(2000)), 400, "response_format"),
-    "a schema of 2,000 required properties": (json_schema(wide_schema(2000, required=True)), 200, None),
+    "a schema of 1,300 required properties": (json_schema(wide_schema(1300, required=True)), 200, None),
     "a recursive $ref": (json_schema(RECURSIVE), 200, None),
     "a $ref to itself": (json_schema({"$ref": "#"}), 400, None),
     "a $ref nowhere": (json_schema({"$ref": "#/$defs/missing"}), 400, "response_format.json_schema.schema"),
     "an enum of 10,000": (json_schema({"enum": [f"value {i}" for i in range(10_000)]}), 400,
                           "response_format.json_schema.schema"),
     "an enum of 4,000": (json_schema({"enum": [f"value {i}" for i in range(4_000)]}), 200, None),
-    "an anyOf of 3,000 consts": (json_schema({"anyOf": [{"const": i} for i in range(3000)]}), 200, None),
-    "an anyOf of 1,200 objects": (json_schema(ANY_OF_OBJECTS), 200, None),
+    "an anyOf of 1,500 consts": (json_schema({"anyOf": [{"const": i} for i in range(1500)]}), 200, None),
+    "an anyOf of 500 objects": (json_schema(any_of_objects(500)), 200, None),
+    "an anyOf of 3,000 objects": (json_schema(any_of_objects(3000)), 400, "response_format.json_schema.schema"),
     "a schema that is JSON text nested 100,000 deep": ({"structured_outputs": {"json": "[" * 100_000}}, 400,
                                                        "structured_outputs.json"),
     "a choice of 3,000": ({"structured_outputs": {"choice": [f"option {i}" for i in range(3000)]}}, 200, None),
