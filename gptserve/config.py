@@ -149,7 +149,7 @@ class ServerConfig:
     max_stored_responses: int = 10_000  # past this, the oldest stored responses are forgotten
     # structured outputs and tools (server/structured_limits.py): what the grammar engine may be given
     max_schema_depth: int = 64  # nesting of a JSON Schema document, its objects and arrays
-    max_schema_size: int = 10_000  # values in a JSON Schema document (all of a request's tools together)
+    max_schema_size: int = 4096  # values in a JSON Schema document (all of a request's tools together)
     max_choices: int = 10_000  # strings in structured_outputs.choice
     max_tools: int = 128  # tools in one request (OpenAI's own limit)
     max_grammar_length: int = 65_536  # characters of a regex or a Lark grammar

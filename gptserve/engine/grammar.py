@@ -41,6 +41,7 @@ PARSER_LIMITS = llguidance.LLParserLimits(
     max_lexer_states=250_000, max_grammar_size=500_000, precompute_large_lexemes=True, verbose_errors=False)
 PROBE_TOKENS = 8  # tokens of a grammar walked at admission
 MASK_BUDGET_S = 0.25  # a mask slower than this would hold every step of the batch back
+MESSAGE_CHARS = 600  # of an llguidance error, in a client's error message
 # llguidance's words for each limit it enforces (LLParserLimits' fields)
 LIMIT_MESSAGES = {
     "max_items_in_row": re.compile(r"row has \d+ items"),
@@ -65,6 +66,8 @@ def limit_of(message: str) -> str | None:
 def describe(message: str) -> str:
     """llguidance's error message, naming the limit it hit (and its value) when it hit one."""
     message = message.replace("<non-verbose/>", "").strip()
+    if len(message) > MESSAGE_CHARS:  # llguidance quotes the grammar's text around an error
+        message = message[:MESSAGE_CHARS] + " ..."
     limit = limit_of(message)
     if limit is None:
         return message

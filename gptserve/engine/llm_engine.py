@@ -171,8 +171,7 @@ class LLMEngine:
             try:
                 self._append_tokens(seq, tokens, logprobs)
             except GrammarError as e:  # its grammar broke a limit the admission probe did not reach
-                log.warning("request %s: its grammar failed after %d tokens: %s", seq.request_id,
-                            seq.num_output_tokens, e)
+                log.warning("request %s: %s", seq.request_id, e)
                 failed.append(self._fail(seq.request_id, str(e), grammar=True))
                 touched.pop(seq.request_id, None)
                 continue

@@ -106,12 +106,16 @@ def _bound(node: dict) -> None:
         if set(node) <= ANNOTATIONS:  # nothing but words about it: any value
             node.update(JSON_VALUE_REF)
         return
-    if "number" in types and "multipleOf" not in node and "anyOf" not in node:
+    # a node that is also other schemas ($ref, anyOf, ...) is their intersection: they bound it
+    composite = bool({"$ref", "anyOf", "allOf", "oneOf"} & set(node))
+    if "number" in types and "multipleOf" not in node and not composite:
         others = [{"type": t} for t in types if t not in ("number", "integer")]
         node["anyOf"] = number_forms() + others  # intersected with the node's own keywords
     elif "integer" in types or "number" in types:
         limit = SAFE_INTEGER if "number" not in types else 10**NUMBER_DIGITS - 1
         _bound_range(node, limit)
+    if composite:
+        return
     if "object" in types and not {"properties", "additionalProperties", "patternProperties"} & set(node):
         node["additionalProperties"] = dict(JSON_VALUE_REF)
     if "array" in types and "items" not in node:

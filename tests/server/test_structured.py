@@ -146,6 +146,40 @@ def test_the_bundled_model_answers_with_valid_json(launch_bundled):
     check_choices([(c["message"]["content"], c["finish_reason"]) for c in answer["choices"]], schema)
 
 
+ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+
+
+SAFE_ADD_ARGUMENTS = {**ADD["function"]["parameters"], "properties": {
+    name: {"type": "integer", "minimum": -(2**53 - 1), "maximum": 2**53 - 1} for name in ("a", "b")}}
+
+
+def test_the_bundled_model_ends_unbounded_integer_arguments(launch_bundled):
+    """Integers without bounds are held to |n| <= 2^53-1 (schema_rewrite.py): unbounded, the
+    bundled model writes digits until max_tokens and no call is ever complete."""
+    import asyncio
+
+    async def ask(seed: int) -> dict:
+        async with httpx.AsyncClient(base_url=launch_bundled.base_url, timeout=600) as http:
+            response = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "What is 2 plus 3?"}], "tools": [ADD],
+                "tool_choice": "required", "max_tokens": 200, "seed": seed})
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]
+
+    async def ask_all() -> list[dict]:
+        return await asyncio.gather(*(ask(seed) for seed in range(20)))
+
+    called = 0
+    for choice in asyncio.run(ask_all()):
+        calls = choice["message"].get("tool_calls") or []
+        assert choice["finish_reason"] in ("tool_calls", "length")
+        for call in calls:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), SAFE_ADD_ARGUMENTS)
+        called += bool(calls)
+    assert called >= 19
+
+
 @pytest.fixture(scope="module")
 def launch_bundled():
     from gptserve.weights.loader import DEFAULT_MODEL_DIR
