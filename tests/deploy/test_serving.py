@@ -58,7 +58,7 @@ def test_the_api_key_is_required(ray_app: RayApp):
 
 def test_engine_errors_keep_their_status_and_shape(ray_app: RayApp):
     with pytest.raises(openai.BadRequestError) as e:
-        ray_app.client().completions.create(model=MODEL_NAME, prompt="word " * 300, max_tokens=4)
+        ray_app.client().completions.create(model=MODEL_NAME, prompt="word " * 1100, max_tokens=4)
     assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "prompt"
 
 
