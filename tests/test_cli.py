@@ -60,6 +60,21 @@ def test_speculative_flags_make_the_engines_speculative_config():
     assert engine_config(build_parser().parse_args(["serve"])).speculative is None
 
 
+def test_structured_output_flags_make_the_servers_limits():
+    from gptserve.cli import build_parser, server_config
+    from gptserve.config import ServerConfig
+
+    args = build_parser().parse_args(["serve", "--max-schema-depth", "100", "--max-schema-size", "20000",
+                                      "--max-choices", "50000", "--max-tools", "256", "--max-grammar-length", "9",
+                                      "--max-regex-repetition", "7", "--no-json-number-bounds"])
+    cfg = server_config(args)
+    assert (cfg.max_schema_depth, cfg.max_schema_size, cfg.max_choices, cfg.max_tools, cfg.max_grammar_length,
+            cfg.max_regex_repetition, cfg.json_number_bounds) == (100, 20000, 50000, 256, 9, 7, False)
+    defaults, default = server_config(build_parser().parse_args(["serve"])), ServerConfig()
+    assert (defaults.max_schema_depth, defaults.max_schema_size, defaults.json_number_bounds) == (
+        default.max_schema_depth, default.max_schema_size, True)
+
+
 def test_a_bad_speculative_setting_exits_2_with_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["generate", "x", "--speculative-method", "ngram", "--num-speculative-tokens", "0"])
