@@ -6,15 +6,15 @@ properties), so neither the server's event loop nor the engine's step loop may d
 llguidance also recurses once per rule when it builds a grammar: a chain of 3,000 Lark
 rules overflows a thread's usual 8 MiB stack, and a stack overflow kills the process, not
 the request. These threads get a stack deep enough for any grammar the server's limits
-let through, many times over. On Linux they also run at a lower priority (nice +10): a
-compile takes whatever CPU the engine's step and the event loop leave, rather than
-slowing every stream the server is writing.
+let through, many times over. There are half as many as cores (one on two cores), so
+compiles leave the engine's step a core. They run at the usual priority: a lower one
+(nice +10) made the streams slower, not faster, as a compile thread preempted while
+holding the GIL keeps the event loop and the engine thread waiting for it.
 """
 from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 from concurrent.futures import Future
 from typing import Callable, TypeVar
@@ -22,7 +22,6 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 STACK_BYTES = 256 * 2**20  # address space, not memory: pages are touched only as deep as a compile goes
 NUM_WORKERS = min(4, max(1, (os.cpu_count() or 2) // 2))  # compiles are CPU-bound: half the cores at most
-NICENESS = 10
 
 
 class DeepStackPool:
@@ -55,7 +54,6 @@ class DeepStackPool:
                     threading.stack_size(previous)
 
     def _work(self) -> None:
-        _yield_cpu()
         while True:
             future, fn, args = self._jobs.get()
             if not future.set_running_or_notify_cancel():
@@ -64,16 +62,6 @@ class DeepStackPool:
                 future.set_result(fn(*args))
             except BaseException as e:  # noqa: BLE001 - the submitter's to handle
                 future.set_exception(e)
-
-
-def _yield_cpu() -> None:
-    """Lower this thread's priority; Linux's setpriority takes a thread id, elsewhere it
-    would lower the whole process, so it is left alone there."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
-        except OSError:  # not allowed here: compiles run at the usual priority
-            pass
 
 
 _STACK_SIZE_LOCK = threading.Lock()
