@@ -184,6 +184,17 @@ NEUTRAL = ["The {x} arrived on Tuesday.", "I bought a {x} yesterday.", "The {x} 
            "This {x} comes in a box.", "The {x} was delivered to my office.", "I have a {x} at home."]
 
 
+INVENTED_SHARE = 0.5
+SYLLABLES = ("ba be bi bo bu da de di do du fa fe fi ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no "
+             "nu pa pe pi po ra re ri ro ru sa se si so su ta te ti to tu va ve vi vo za ze zi zo an en in on "
+             "ar er ir or el il ol al ash esh ith oth und und orn arn ell ill").split()
+
+
+def invented_word(r: random.Random, lo: int = 2, hi: int = 3) -> str:
+    """A pronounceable made-up name ("Kelimo"), a value no list and no prose holds."""
+    return "".join(r.choice(SYLLABLES) for _ in range(r.randint(lo, hi))).capitalize()
+
+
 def _stable(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
@@ -236,6 +247,35 @@ class Generator:
         self.names, self.surnames = pool(NAMES, split), pool(SURNAMES, split)
         self.cities, self.items = pool(CITIES, split), pool(ITEMS, split)
         self.stocks, self.animals = pool(STOCKS, split), pool(ANIMALS, split)
+        # lower-case words of the prose, for invented items
+        self.words = sorted({w for v in verses[::7] for w in re.findall(r"\b[a-z]{4,9}\b", v.text)})
+
+    # Values: in training, half are invented (syllables, or words of the corpus), so that the
+    # model learns to copy what the user wrote rather than to recall a list; evaluation
+    # draws only from the held-out part of the lists.
+
+    def _invent(self) -> bool:
+        return self.split == "train" and self.rng.random() < INVENTED_SHARE
+
+    def name(self) -> str:
+        return invented_word(self.rng) if self._invent() else self.rng.choice(self.names)
+
+    def surname(self) -> str:
+        return invented_word(self.rng) if self._invent() else self.rng.choice(self.surnames)
+
+    def city(self) -> tuple[str, str]:
+        if self._invent():
+            return invented_word(self.rng, 2, 4), invented_word(self.rng, 2, 3)
+        return self.rng.choice(self.cities)
+
+    def item(self) -> tuple[str, str]:
+        if self._invent():
+            word = self.rng.choice(self.words)
+            return word, word + "s"
+        return self.rng.choice(self.items)
+
+    def stock(self) -> str:
+        return invented_word(self.rng, 1, 2).upper() if self._invent() else self.rng.choice(self.stocks)
 
     def example(self, task: str) -> Example:
         return getattr(self, f"_{task}")()
@@ -258,9 +298,9 @@ class Generator:
     def _small_talk(self) -> tuple[str, str]:
         r = self.rng
         a, b = r.randint(0, 99), r.randint(0, 99)
-        name, (city, country) = r.choice(self.names), r.choice(self.cities)
-        word = r.choice(self.items)[0]
-        item = r.choice(self.items)
+        name, (city, country) = self.name(), self.city()
+        word = self.item()[0]
+        item = self.item()
         entry = r.choice(self.devil)
         day = r.randrange(7)
         choices = [
@@ -327,8 +367,8 @@ class Generator:
 
     def _json(self) -> Example:
         r = self.rng
-        name = f"{r.choice(self.names)}" + (f" {r.choice(self.surnames)}" if r.random() < 0.4 else "")
-        (city, country), (item, items) = r.choice(self.cities), r.choice(self.items)
+        name = f"{self.name()}" + (f" {self.surname()}" if r.random() < 0.4 else "")
+        (city, country), (item, items) = self.city(), self.item()
         age, qty = r.randint(1, 99), r.randint(1, 20)
         mood = r.choice(["positive", "negative", "neutral"])
         sentence = r.choice({"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[mood]).format(x=item)
@@ -397,12 +437,12 @@ class Generator:
     def _tool_world(self) -> list[tuple[dict, str, dict, dict, str]]:
         """Candidate (tool, request, arguments, result, final answer) situations."""
         r = self.rng
-        name = r.choice(self.names)
-        city = r.choice(self.cities)[0]
+        name = self.name()
+        city = self.city()[0]
         a, b = r.randint(2, 999), r.randint(2, 999)
         temp, cond = r.randint(-10, 35), r.choice(["sunny", "cloudy", "raining", "snowing", "windy"])
         v = r.choice(self.verses)
-        stock, price = r.choice(self.stocks), r.randint(5, 900)
+        stock, price = self.stock(), r.randint(5, 900)
         minutes = r.randint(1, 90)
         email = f"{name.lower()}@example.com"
         topic = r.choice(TOPICS)

@@ -307,7 +307,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="processes that generate the task data")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--n-positions", type=int, default=d.n_positions)
+    p.add_argument("--n-positions", type=int, default=d.n_positions,
+                   help="context, and training window; with --init the window only (at most the model's context)")
     p.add_argument("--n-embd", type=int, default=d.n_embd)
     p.add_argument("--n-layer", type=int, default=d.n_layer)
     p.add_argument("--n-head", type=int, default=d.n_head)
@@ -319,6 +320,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--checkpoint-interval", type=int, default=200, help="steps between resumable saves")
     p.add_argument("--resume", action="store_true", help="continue from --work-dir/state.pt")
     p.add_argument("--no-save", action="store_true", help="train and report only (for timing runs)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this model folder's weights (fine-tuning) instead of GPT-2's init")
     p.add_argument("--teacher", type=Path, default=None,
                    help="distil from this model (a draft model for speculative decoding)")
     return p.parse_args()
@@ -351,7 +354,12 @@ def main() -> None:
           f"{len(prose_val):,} tokens, " + ", ".join(f"{k} {len(v)} windows" for k, v in val.items() if k != "prose"),
           flush=True)
 
-    model = build_model(tc).to(device)
+    if args.init is not None:  # fine-tune: start from a saved model's weights, its shape
+        model = load_model(args.init).float()
+        tc.n_embd, tc.n_layer, tc.n_head = model.config.n_embd, model.config.n_layer, model.config.n_head
+        model = model.to(device)
+    else:
+        model = build_model(tc).to(device)
     add_dropout(model, tc.dropout)
     teacher = load_model(args.teacher).to(device).eval() if args.teacher else None
     opt = make_optimizer(model, tc, device)

@@ -16,7 +16,7 @@ import ray
 from tests.deploy.conftest import API_KEY, MAX_NUM_SEQS, NUM_REPLICAS, RayApp
 from tests.server.conftest import MODEL_NAME
 
-RECOVERY_S = 90  # Serve's health check and a new replica's start-up, with room on a slow machine
+RECOVERY_S = 180  # Serve's health check and a new replica's start-up, with room on a slow, busy machine
 
 
 @dataclass

@@ -105,8 +105,8 @@ def words_of(text: str) -> list[str]:
 def test_bundled_model_is_a_small_gpt2_with_the_gpt2_tokenizer(model: GPT2, tokenizer: Tokenizer):
     cfg = model.config
     assert cfg.vocab_size == tokenizer.vocab_size == 50257
-    assert cfg.n_positions >= 256
-    assert (MODEL_DIR / "model.safetensors").stat().st_size < 25 * 2**20
+    assert cfg.n_positions == 1024  # GPT-2's own: agent frameworks' prompts fit
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 60 * 2**20  # the wheel stays small
     assert tokenizer.decode(tokenizer.encode("And God said")) == "And God said"
 
 
