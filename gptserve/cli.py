@@ -145,7 +145,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY', as Anthropic's clients send it)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="this request's sampling seed (serve's --seed seeds the engine)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

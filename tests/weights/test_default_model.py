@@ -1,6 +1,6 @@
 """The bundled default model loads offline and writes English, not gibberish.
 
-It is a small GPT-2 trained on the King James Bible by scripts/train_default_model.py.
+It is a small GPT-2 trained on public-domain prose (mostly the King James Bible) and API-format tasks by scripts/train_default_model.py.
 Both language tests fail for a randomly initialised model of the same shape: its loss
 is the same on English and on shuffled tokens, and its greedy output is not words.
 """
