@@ -46,7 +46,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,13 +56,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-import httpx
 import jsonschema
 import openai
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
 import default_model_data as data  # noqa: E402
+from soak import free_port, wait_until_healthy  # noqa: E402  (bench/soak.py: the same server start)
 
 METRICS = ("chat", "json", "tools_required", "tools_auto", "tool_result", "qa")
 TARGETS = {"chat": 0.90, "json": 0.95, "tools_required": 0.80, "tools_auto": 0.70}
@@ -369,27 +369,6 @@ async def run_metrics(base_url: str, metrics: list[str], examples: dict[str, lis
 
 
 # ---------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the server did not answer /health within {timeout:.0f} s (log: {log_path})")
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
 
 
 def stop(proc: subprocess.Popen) -> int:
