@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,3 +156,12 @@ class ServerConfig:
     max_grammar_length: int = 65_536  # characters of a regex or a Lark grammar
     max_regex_repetition: int = 4096  # how far a counted repetition may expand (server/repetition.py)
     json_number_bounds: bool = True  # bound JSON numbers a schema leaves unbounded (server/schema_rewrite.py)
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5G', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GiB or 512MB")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    return int(value * 1024 ** "_KMGT".index(unit)) if unit else int(value)

@@ -50,7 +50,8 @@ def test_a_missing_model_folder_exits_2_with_a_one_line_error(capsys, tmp_path, 
 
 
 def test_speculative_flags_make_the_engines_speculative_config():
-    from gptserve.cli import build_parser, engine_config
+    from gptserve.cli import build_parser
+    from gptserve.cli.flags import engine_config
 
     args = build_parser().parse_args(["serve", "--speculative-method", "ngram", "--num-speculative-tokens", "5",
                                       "--ngram-min", "2", "--ngram-max", "3", "--speculative-max-batch", "8"])
@@ -61,7 +62,8 @@ def test_speculative_flags_make_the_engines_speculative_config():
 
 
 def test_structured_output_flags_make_the_servers_limits():
-    from gptserve.cli import build_parser, server_config
+    from gptserve.cli import build_parser
+    from gptserve.cli.flags import server_config
     from gptserve.config import ServerConfig
 
     args = build_parser().parse_args(["serve", "--max-schema-depth", "100", "--max-schema-size", "20000",

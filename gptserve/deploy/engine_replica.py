@@ -11,7 +11,8 @@ Serve calls `check_health` (a dead step loop gets the replica replaced) and
 `record_routing_stats` (the engine's stats, which reach the ingress's router: its
 /metrics and its view of the fleet). On scale-down Serve stops routing to the replica,
 waits for its ongoing requests (`graceful_shutdown_timeout_s`), then `__del__` stops
-the engine.
+the engine. The engine itself is imported when a replica starts: the ingress, which
+imports this module to name the deployment, holds no model and loads no torch.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from ray import serve
 
 from gptserve.config import EngineConfig, ModelConfig
 from gptserve.deploy.remote_errors import CARRIED, ReplicaError
-from gptserve.engine.async_engine import AsyncEngine
 from gptserve.engine.limits import EngineLimits
 from gptserve.engine.outputs import Inspection, RequestOutput
 from gptserve.engine.sampling_params import SamplingParams
@@ -52,6 +52,8 @@ def replica_name() -> str:
 @serve.deployment(name="GptServeEngine")
 class EngineReplica:
     def __init__(self, model: str | None, engine_config: EngineConfig):
+        from gptserve.engine.async_engine import AsyncEngine  # here: the ingress imports this module, not torch
+
         self.name = replica_name()
         self.engine = AsyncEngine(model, engine_config)  # loads the model; errors fail the replica
         self.engine.start()

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptserve.engine.grammar import GrammarError
-from gptserve.engine.outputs import (EngineDeadError, EngineError, InvalidPromptError, PromptTooLongError,
-                                     RequestFailedError)
+from gptserve.engine.outputs import (EngineDeadError, EngineError, GrammarError, InvalidPromptError,
+                                     PromptTooLongError, RequestFailedError)
 from gptserve.engine.sampling_params import InvalidSamplingParams
 
 # what an engine raises for one request; anything else is a bug and stays Ray's error (500)

@@ -3,7 +3,7 @@ likely to hold its prompt's prefix in its KV cache, unless that one is too busy.
 
 Which replica holds which prefix is learned from the router's own decisions: each routed
 prompt's leading full KV blocks are hashed as the engine's prefix cache hashes them
-(`block_hash`, chained from the first block), and each hash remembers the replica it
+(`chained_block_hashes`, chained from the first block), and each hash remembers the replica it
 went to (a bounded LRU table). A new prompt goes to the live replica that took the
 deepest of its leading blocks, if that depth is at least `min_prefix_match` of the prompt's
 full blocks and that replica has at most `max_imbalance` more ongoing requests than the
@@ -25,18 +25,14 @@ from typing import Hashable
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 import gptserve.deploy.fleet as fleet
-from gptserve.engine.block_manager import block_hash
+from gptserve.engine.block_manager import chained_block_hashes
 
 
 def prefix_hashes(prompt_token_ids: list[int], block_size: int, max_blocks: int) -> list[int]:
     """The chained hashes of the prompt's leading full blocks, as the prefix cache computes
     them (never the block of the last token: the engine always recomputes it)."""
-    hashes: list[int] = []
-    parent = None
-    for i in range(min((len(prompt_token_ids) - 1) // block_size, max_blocks)):
-        parent = block_hash(parent, tuple(prompt_token_ids[i * block_size:(i + 1) * block_size]))
-        hashes.append(parent)
-    return hashes
+    num_blocks = min((len(prompt_token_ids) - 1) // block_size, max_blocks)
+    return [h for h, _ in chained_block_hashes(prompt_token_ids, block_size, num_blocks)]
 
 
 class PrefixTable:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from gptserve.config import EngineConfig, ServerConfig
+from gptserve.config import EngineConfig, ServerConfig, parse_bytes
 
 BYTE_SIZES = ("kv_cache_memory", "max_body_bytes")  # may be written as 2GiB, 512MiB
 
@@ -82,8 +82,6 @@ SECTIONS = {"engine": EngineConfig, "server": ServerConfig, "scaling": Scaling, 
 
 def spec_from_args(args: dict[str, Any]) -> AppSpec:
     """An AppSpec from `key=value` arguments; unknown keys and bad values raise ValueError."""
-    from gptserve.engine.placement import parse_bytes
-
     fields: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     model = None
     for key, value in args.items():

@@ -27,10 +27,9 @@ import threading
 from typing import AsyncIterator, Callable, TypeVar
 
 from gptserve.config import EngineConfig
-from gptserve.engine.grammar import GrammarError
 from gptserve.engine.llm_engine import LLMEngine
-from gptserve.engine.outputs import (EngineDeadError, EngineStats, Inspection, RequestFailedError,
-                                     RequestOutput)
+from gptserve.engine.outputs import (EngineDeadError, EngineStats, GrammarError, Inspection,
+                                     RequestFailedError, RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ cached block unused for the longest time is evicted first.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Iterator
 
 from gptserve.engine.sequence import Sequence
 
@@ -22,8 +23,16 @@ class Block:
         self.token_ids: tuple[int, ...] = ()
 
 
-def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
+def chained_block_hashes(token_ids: list[int], block_size: int, stop: int, start: int = 0,
+                         parent: int | None = None) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """(hash, token ids) of the full blocks start..stop-1 of token_ids, each hash chained to
+    the block's before it (`parent`: the hash of block start-1). The prefix cache and Ray's
+    prefix-affinity router (deploy/router.py) name blocks by these; Python hashes tuples of
+    ints the same way in every process."""
+    for i in range(start, stop):
+        tokens = tuple(token_ids[i * block_size:(i + 1) * block_size])
+        parent = hash((parent, tokens))
+        yield parent, tokens
 
 
 class BlockManager:
@@ -54,27 +63,22 @@ class BlockManager:
         """Cached blocks matching seq's leading full blocks (never its last token: it needs logits)."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs:
             return []
-        hits, parent = [], None
-        for i in range((len(seq) - 1) // self.block_size):
-            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = block_hash(parent, tokens)
+        hits = []
+        for h, tokens in chained_block_hashes(seq.token_ids, self.block_size, (len(seq) - 1) // self.block_size):
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             hits.append(block_id)
-            parent = h
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._prefix_hits(seq)
-        reused_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        new = self.blocks_needed(len(seq)) - len(hits)
-        return new + reused_free <= len(self.free)
-
-    def allocate(self, seq: Sequence) -> None:
-        """Give seq blocks for all its current tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence) -> bool:
+        """Give seq blocks for all its current tokens, reusing cached prefix blocks, if they
+        fit; False, and nothing taken, if they don't."""
         assert not seq.block_table
         hits = self._prefix_hits(seq)
+        reused_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # cached, but counted as free
+        if self.blocks_needed(len(seq)) - len(hits) + reused_free > len(self.free):
+            return False
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -88,6 +92,7 @@ class BlockManager:
             seq.num_cached_tokens = seq.num_computed_tokens
             self.prefix_queries += len(seq)
             self.prefix_hits += seq.num_computed_tokens
+        return True
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free.popitem(last=False)  # least recently used
@@ -125,12 +130,11 @@ class BlockManager:
         while start > 0 and self.blocks[seq.block_table[start - 1]].hash is None:
             start -= 1
         parent = self.blocks[seq.block_table[start - 1]].hash if start else None
-        for i in range(start, num_full):
-            block = self.blocks[seq.block_table[i]]
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            block.hash, block.token_ids = block_hash(parent, tokens), tokens
-            self.cached.setdefault(block.hash, block.block_id)
-            parent = block.hash
+        hashes = chained_block_hashes(seq.token_ids, bs, num_full, start, parent)
+        for block_id, (h, tokens) in zip(seq.block_table[start:num_full], hashes):
+            block = self.blocks[block_id]
+            block.hash, block.token_ids = h, tokens
+            self.cached.setdefault(h, block_id)
 
     # ---- release -------------------------------------------------------------------
     def free_seq(self, seq: Sequence) -> None:

@@ -8,7 +8,7 @@ tokenizer's byte-level vocabulary and keeps a matcher per sequence; each step th
 of all constrained rows are filled at once by its thread pool (`fill_next_token_bitmask_par`,
 which drops the GIL), started before the forward pass and applied to the logits after it.
 
-A grammar is compiled once, cached by its text, on the grammar threads (grammar_workers.py):
+A grammar is compiled once, cached by its text, on the grammar threads (gptserve/grammar_threads.py):
 `prepare` is called when a request arrives (AsyncEngine.generate awaits it), so the step
 loop only copies the compiled matcher for each sequence. Compiling also probes the grammar
 (`_probe`): the masks of its first tokens are computed, so that a grammar that breaks one
@@ -17,7 +17,6 @@ before its request starts, not after its first token.
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -29,49 +28,14 @@ import llguidance.torch
 import numpy as np
 import torch
 
-from gptserve.engine.grammar_workers import run_deep
-from gptserve.engine.outputs import EngineError
+from gptserve.engine.outputs import GrammarError
+from gptserve.grammar_limits import PARSER_LIMITS, describe
+from gptserve.grammar_threads import run_deep
 from gptserve.model.tokenizer import Tokenizer
 
 CACHE_SIZE = 256  # compiled grammars kept
-# llguidance's own defaults, spelled out: the server checks grammars against the same ones;
-# verbose errors would put the parser's state and the grammar in the message
-PARSER_LIMITS = llguidance.LLParserLimits(
-    max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
-    max_lexer_states=250_000, max_grammar_size=500_000, precompute_large_lexemes=True, verbose_errors=False)
 PROBE_TOKENS = 8  # tokens of a grammar walked at admission
 MASK_BUDGET_S = 0.25  # a mask slower than this would hold every step of the batch back
-MESSAGE_CHARS = 600  # of an llguidance error, in a client's error message
-# llguidance's words for each limit it enforces (LLParserLimits' fields)
-LIMIT_MESSAGES = {
-    "max_items_in_row": re.compile(r"row has \d+ items"),
-    "step_max_items": re.compile(r"Too many items"),
-    "max_lexer_states": re.compile(r"too many states"),
-    "max_grammar_size": re.compile(r"grammar size .*too big"),
-    "initial_lexer_fuel": re.compile(r"initial lexer configuration|lexer precomputation failed|too many expressions"),
-    "step_lexer_fuel": re.compile(r"fuel exhausted"),
-}
-
-
-class GrammarError(EngineError, ValueError):
-    """The grammar does not compile (a bad schema, regex or Lark text), breaks one of the
-    grammar engine's limits, or is too slow to follow."""
-
-
-def limit_of(message: str) -> str | None:
-    """The LLParserLimits field an llguidance error message reports, if it reports one."""
-    return next((name for name, pattern in LIMIT_MESSAGES.items() if pattern.search(message)), None)
-
-
-def describe(message: str) -> str:
-    """llguidance's error message, naming the limit it hit (and its value) when it hit one."""
-    message = message.replace("<non-verbose/>", "").strip()
-    if len(message) > MESSAGE_CHARS:  # llguidance quotes the grammar's text around an error
-        message = message[:MESSAGE_CHARS] + " ..."
-    limit = limit_of(message)
-    if limit is None:
-        return message
-    return f"{message} (the grammar engine's limit {limit}, {getattr(PARSER_LIMITS, limit)})"
 
 
 class GrammarCompiler:

@@ -16,10 +16,11 @@ import torch
 from gptserve.config import EngineConfig, ModelConfig
 from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.detokenizer import StreamDetokenizer
-from gptserve.engine.grammar import GrammarCompiler, GrammarError, describe
+from gptserve.engine.grammar import GrammarCompiler
+from gptserve.grammar_limits import describe
 from gptserve.engine.limits import EngineLimits
 from gptserve.engine.model_runner import ModelRunner
-from gptserve.engine.outputs import ChoiceDelta, EngineStats, FinishReason, Inspection, RequestOutput
+from gptserve.engine.outputs import ChoiceDelta, EngineStats, FinishReason, GrammarError, Inspection, RequestOutput
 from gptserve.engine.placement import (bind_device, kv_cache_bytes, profile_gpu_memory, resolve_device,
                                         resolve_precision)
 from gptserve.engine.sampler import Sampler

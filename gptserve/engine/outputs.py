@@ -107,6 +107,11 @@ class InvalidPromptError(EngineError, ValueError):
     """The prompt itself is unusable (empty, or token ids outside the vocabulary)."""
 
 
+class GrammarError(EngineError, ValueError):
+    """The grammar does not compile (a bad schema, regex or Lark text), breaks one of the
+    grammar engine's limits, or is too slow to follow."""
+
+
 class RequestFailedError(EngineError):
     """Processing this one request failed; the engine goes on serving the others."""
 

@@ -98,15 +98,6 @@ def resolve_precision(dtype: str, quantization: str | None, device: torch.device
     return Precision(torch.float32, str(compute).removeprefix("torch."))
 
 
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MB', '1.5G', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise PlacementError(f"cannot read {text!r} as a size; write e.g. 2GiB or 512MB")
-    value, unit = float(m.group(1)), m.group(2).upper()
-    return int(value * 1024 ** "_KMGT".index(unit)) if unit else int(value)
-
-
 def bind_device(device: torch.device) -> None:
     """Make `device` the calling thread's current CUDA device (a no-op elsewhere). Run it
     first on every thread or process that does an engine's CUDA work: streams, graph

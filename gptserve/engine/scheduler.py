@@ -99,10 +99,9 @@ class Scheduler:
         # 3. admit waiting sequences while they fit
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not bm.can_allocate(seq):
+            if not bm.allocate(seq):
                 break
             self.waiting.popleft()
-            bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed_tokens, budget)

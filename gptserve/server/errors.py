@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from gptserve.engine.grammar import GrammarError
-from gptserve.engine.outputs import EngineDeadError, InvalidPromptError, PromptTooLongError, RequestFailedError
+from gptserve.engine.outputs import (EngineDeadError, GrammarError, InvalidPromptError, PromptTooLongError,
+                                     RequestFailedError)
 from gptserve.engine.sampling_params import InvalidSamplingParams
 from gptserve.server.protocol import INVALID, UNSUPPORTED, ErrorResponse
 from gptserve.server.protocol.anthropic_answers import AnthropicErrorResponse

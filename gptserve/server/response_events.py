@@ -14,18 +14,20 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TYPE_CHECKING
 
 from sse_starlette import ServerSentEvent
 
 from gptserve.engine.outputs import Logprob
-from gptserve.model.tokenizer import Tokenizer
 from gptserve.server.errors import APIError, from_exception
 from gptserve.server.generation import ChoiceResult, Generation, UsageCounter, finish_reason_of
 from gptserve.server.protocol import ResponseObject, ResponseUsage, Usage
 from gptserve.server.serving import StreamFormat
 from gptserve.server.serving_chat import chat_logprobs
 from gptserve.server.structured import ToolCallStream, ToolPlan, parse_tool_calls
+
+if TYPE_CHECKING:
+    from gptserve.model.tokenizer import Tokenizer
 
 
 def _error_event(err: APIError) -> ServerSentEvent:

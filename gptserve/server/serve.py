@@ -1,4 +1,5 @@
-"""`run_server(model, engine_config, server_config)`: load the engine, serve it with uvicorn.
+"""`run_server(engine, server_config)`: serve an engine with uvicorn (`gptserve serve` builds
+the engine first).
 
 On SIGINT/SIGTERM uvicorn stops accepting connections; before it waits for the open
 ones, the engine ends every in-flight request, so each stream sends its last chunk
@@ -14,7 +15,8 @@ from typing import Awaitable, Callable
 import uvicorn
 from fastapi import FastAPI
 
-from gptserve.config import EngineConfig, ServerConfig
+from gptserve.config import ServerConfig
+from gptserve.engine.client import EngineClient
 from gptserve.server.app import build_app
 from gptserve.server.serving import STREAM_SHUTDOWN_GRACE_S
 
@@ -41,10 +43,7 @@ def make_server(app: FastAPI, server_config: ServerConfig, log_level: int | str 
     return DrainingServer(config, drain=app.state.serving.stop_engine)
 
 
-def run_server(model: str | None, engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    from gptserve.engine.data_parallel import build_engine
-
-    engine = build_engine(model, engine_config)  # one replica, or one per GPU
+def run_server(engine: EngineClient, server_config: ServerConfig) -> None:
     app = build_app(engine, server_config)
     log.info("listening on http://%s:%d", server_config.host, server_config.port)
     make_server(app, server_config, log_level=logging.getLogger().level or logging.INFO).run()

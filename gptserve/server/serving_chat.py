@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from gptserve.engine.outputs import Logprob
 from gptserve.engine.sampling_params import SamplingParams
-from gptserve.model.tokenizer import Tokenizer
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
                                       ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
@@ -20,6 +19,9 @@ from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, Cha
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
 from gptserve.server.serving import ServingContext, clamp_logprob
 from gptserve.server.structured import ToolCallStream, ToolPlan, format_grammar, parse_tool_calls, tool_plan
+
+if TYPE_CHECKING:
+    from gptserve.model.tokenizer import Tokenizer
 
 
 def chat_logprobs(tokenizer: Tokenizer, logprobs: list[Logprob]) -> ChatLogprobs:

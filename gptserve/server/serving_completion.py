@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from gptserve.engine.outputs import Logprob
 from gptserve.engine.sampling_params import InvalidSamplingParams
-from gptserve.model.tokenizer import Tokenizer
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                       Usage)
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
 from gptserve.server.serving import ServingContext, clamp_logprob
 from gptserve.server.structured import format_grammar
+
+if TYPE_CHECKING:
+    from gptserve.model.tokenizer import Tokenizer
 
 
 class LogprobWriter:

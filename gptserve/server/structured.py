@@ -17,7 +17,7 @@ regex or Lark grammar that does not compile, a tool_choice naming an unknown too
 input past the server's limits (structured_limits.py) is a 400 naming the parameter,
 before anything is generated. Checking and compiling a large grammar takes seconds, so
 `format_grammar`, `text_format_grammar` and `tool_plan` do it on the grammar threads
-(engine/grammar_workers.py), never on the event loop, and only when there is a grammar.
+(grammar_threads.py), never on the event loop, and only when there is a grammar.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ import jsonschema_rs
 import llguidance
 
 from gptserve.config import ServerConfig
-from gptserve.engine.grammar import PARSER_LIMITS, describe
-from gptserve.engine.grammar_workers import run_deep
+from gptserve.grammar_limits import PARSER_LIMITS, describe
+from gptserve.grammar_threads import run_deep
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (FunctionCall, NamedToolChoice, ResponseFormat, StructuredOutputs, Tool,
                                       ToolCall, ToolCallDelta)

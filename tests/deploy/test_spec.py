@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("ray")
 from gptserve.cli import build_parser, main  # noqa: E402
-from gptserve.cli import engine_config as cli_engine_config  # noqa: E402
-from gptserve.cli import server_config as cli_server_config  # noqa: E402
+from gptserve.cli.flags import engine_config as cli_engine_config  # noqa: E402
+from gptserve.cli.flags import server_config as cli_server_config  # noqa: E402
 from gptserve.deploy.application import engine_options, ingress_options, replica_engine_config  # noqa: E402
 from gptserve.deploy.launch import cli_spec  # noqa: E402
 from gptserve.deploy.router import PrefixAffinityRouter  # noqa: E402

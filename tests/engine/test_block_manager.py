@@ -26,8 +26,7 @@ def computed(bm: BlockManager, s: Sequence) -> Sequence:
 def test_allocate_takes_one_block_per_started_block_of_tokens():
     bm = BlockManager(num_blocks=10, block_size=4)
     s = seq(list(range(9)))
-    assert bm.can_allocate(s)
-    bm.allocate(s)
+    assert bm.allocate(s)
     assert len(s.block_table) == 3 and bm.num_free_blocks == 7
     bm.free_seq(s)
     assert bm.num_free_blocks == 10 and s.block_table == []
@@ -86,16 +85,17 @@ def test_a_hash_collision_is_not_a_hit():
     bm.free_seq(a), bm.free_seq(b)
 
 
-def test_can_allocate_counts_cached_free_blocks_it_would_reuse():
+def test_allocate_counts_cached_free_blocks_it_would_reuse_and_takes_nothing_when_short():
     bm = BlockManager(num_blocks=3, block_size=2)
     a = computed(bm, _alloc(bm, seq([1, 2, 3, 4, 5])))
     bm.free_seq(a)
     big = seq([1, 2, 3, 4, 6, 7, 8])  # needs 4 blocks, 2 of them cached: still too many
-    assert not bm.can_allocate(big)
+    assert not bm.allocate(big)
+    assert big.block_table == [] and bm.num_free_blocks == 3
     fits = seq([1, 2, 3, 4, 6])  # 3 blocks, 2 cached
-    assert bm.can_allocate(fits)
+    assert bm.allocate(fits) and fits.num_computed_tokens == 4
 
 
 def _alloc(bm: BlockManager, s: Sequence) -> Sequence:
-    bm.allocate(s)
+    assert bm.allocate(s)
     return s

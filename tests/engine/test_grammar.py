@@ -9,8 +9,8 @@ import json
 import llguidance
 import pytest
 
-from gptserve.engine.grammar import GrammarCompiler, GrammarError
-from gptserve.engine.outputs import FinishReason
+from gptserve.engine.grammar import GrammarCompiler
+from gptserve.engine.outputs import FinishReason, GrammarError
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.model.tokenizer import Tokenizer
 

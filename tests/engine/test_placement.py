@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gptserve.config import parse_bytes
 from gptserve.engine.placement import (GpuMemory, Precision, PlacementError, gpu_kv_budget, kv_cache_bytes,
-                                       parse_bytes, profile_gpu_memory, resolve_device, resolve_dtype,
+                                       profile_gpu_memory, resolve_device, resolve_dtype,
                                        resolve_precision, warm_up)
 
 
@@ -76,7 +77,7 @@ def test_sizes_read_as_people_write_them():
     assert parse_bytes("2GiB") == 2 * 2**30
     assert parse_bytes("512M") == 512 * 2**20
     assert parse_bytes("1000") == 1000
-    with pytest.raises(PlacementError):
+    with pytest.raises(ValueError, match="cannot read 'lots' as a size"):
         parse_bytes("lots")
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gptserve.cli import LOG_FORMAT
+from gptserve.cli import SERVE_LOG_FORMAT as LOG_FORMAT
 from gptserve.server.request_id import RequestIdFilter
 
 GENERATED = re.compile(r"[0-9a-f]{32}")  # uuid4 hex

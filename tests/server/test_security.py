@@ -14,7 +14,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from gptserve.cli import build_parser, server_config
+from gptserve.cli import build_parser
+from gptserve.cli.flags import server_config
 from gptserve.config import ServerConfig
 from tests.server.conftest import API_KEY
 from tests.server.test_errors import assert_error

@@ -1,19 +1,20 @@
-"""`gptserve serve | generate | info`: the command line."""
+"""The command line's flags, and the engine's and server's settings read from them."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import uuid
 
-from gptserve.config import EngineConfig, ServerConfig, SpeculativeConfig
-from gptserve.server.request_id import RequestIdFilter
-
-# the request id is "-" outside a request (start-up, the engine thread)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+from gptserve.config import EngineConfig, ServerConfig, SpeculativeConfig, parse_bytes
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model folder (Hugging Face layout) or Hub id such as gpt2, gpt2-medium, "
                         "distilgpt2; default: the bundled model")
@@ -43,9 +44,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                       help="a sequence whose guesses stand less often than this stops guessing for a while")
 
 
-def _serving_engine_args(p: argparse.ArgumentParser) -> None:
+def serving_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
-    p.add_argument("--kv-cache-memory", default=None,
+    p.add_argument("--kv-cache-memory", type=_size, default=None,
                    help="bytes for the paged KV cache, e.g. 2GiB (default: 2GiB on the CPU, "
                         "--gpu-memory-utilization of free GPU memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
@@ -64,8 +65,6 @@ def _serving_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    from gptserve.engine.placement import parse_bytes
-
     cfg = EngineConfig(device=args.device, dtype=args.dtype, quantization=args.quantization)
     if args.speculative_method:
         try:
@@ -76,7 +75,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             print(f"gptserve: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
     if hasattr(args, "max_num_seqs"):
-        cfg.kv_cache_memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+        cfg.kv_cache_memory = args.kv_cache_memory
         cfg.gpu_memory_utilization = args.gpu_memory_utilization
         cfg.block_size = args.block_size
         cfg.max_num_seqs = args.max_num_seqs
@@ -90,58 +89,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return cfg
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from gptserve.engine.llm_engine import LLMEngine
-    from gptserve.engine.sampling_params import SamplingParams
-
-    cfg = engine_config(args)
-    cfg.enforce_eager = True
-    cfg.kv_cache_memory = 256 * 2**20
-    engine = LLMEngine(args.model, cfg)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    ids = engine.tokenizer.encode(args.prompt)
-    engine.add_request(uuid.uuid4().hex, ids, params)
-    sys.stdout.write(args.prompt)
-    while engine.has_unfinished():
-        for out in engine.step():
-            for choice in out.choices:
-                sys.stdout.write(choice.text)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-
-    from gptserve.engine.placement import resolve_device, resolve_precision
-    from gptserve.weights.loader import read_config, resolve_model_path
-
-    path = resolve_model_path(args.model)
-    cfg = read_config(path)
-    precision = resolve_precision(args.dtype, args.quantization, resolve_device(args.device))
-    dtype = precision.compute
-    n = cfg.num_parameters()
-    estimate = 12 * cfg.n_embd**2 * cfg.n_layer
-    size = torch.empty((), dtype=dtype).element_size()
-    kv_per_token = 2 * cfg.n_layer * cfg.n_embd * size
-    print(f"model:            {args.model or 'bundled default'} ({path})")
-    for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "mlp_dim", "head_dim"):
-        print(f"{field + ':':<18}{getattr(cfg, field)}")
-    print(f"parameters:       {n:,} ({n / 1e6:.1f}M)")
-    print(f"12*d^2*L:         {estimate:,} ({estimate / 1e6:.1f}M; blocks only, without embeddings)")
-    print(f"embeddings:       {(cfg.vocab_size + cfg.n_positions) * cfg.n_embd:,}")
-    print(f"precision:        {precision}" + (" (auto)" if args.dtype == "auto" and not args.quantization else ""))
-    print(f"weights memory:   {n * size / 2**20:.1f} MiB in {str(dtype).removeprefix('torch.')}"
-          + ("" if precision.weights == str(dtype).removeprefix("torch.") else
-             f" as loaded; the linear layers and LM head then in {precision.weights}"))
-    print(f"KV cache/token:   {kv_per_token / 1024:.1f} KiB; a full context: "
-          f"{kv_per_token * cfg.n_positions / 2**20:.1f} MiB")
-    return 0
-
-
-def _server_args(p: argparse.ArgumentParser) -> None:
+def server_args(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
@@ -164,7 +112,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                    help="how many stored responses are kept; the oldest go first")
     limits = p.add_argument_group("request limits", "a request over one is refused with 400 (413 for the body), "
                                                     "the message naming the limit")
-    limits.add_argument("--max-body-bytes", default=str(d.max_body_bytes),
+    limits.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes,
                         help=f"largest request body, e.g. 2MiB (default: {d.max_body_bytes})")
     limits.add_argument("--max-messages", type=int, default=d.max_messages, help="most messages in a chat request")
     limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
@@ -197,13 +145,11 @@ def _server_args(p: argparse.ArgumentParser) -> None:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-    from gptserve.engine.placement import parse_bytes
-
     return ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                         served_model_name=args.served_model_name, chat_template=args.chat_template,
                         max_queued_requests=args.max_queued_requests,
                         cors_allow_origins=args.cors_allow_origin or [],
-                        max_body_bytes=parse_bytes(args.max_body_bytes), max_messages=args.max_messages,
+                        max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                         max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                         max_top_logprobs=args.max_top_logprobs, max_stop_strings=args.max_stop_strings,
                         max_stop_length=args.max_stop_length, stream_send_timeout=args.stream_send_timeout,
@@ -214,7 +160,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         json_number_bounds=not args.no_json_number_bounds)
 
 
-def _ray_args(p: argparse.ArgumentParser) -> None:
+def ray_args(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("Ray Serve", "run as a Ray Serve application on this machine's Ray cluster "
                                "(joined if one runs, else started): one engine per replica, requests routed "
                                "by prompt prefix; needs pip install 'gptserve[ray]'")
@@ -227,85 +173,3 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
                      help="GPUs each engine replica takes from Ray (1: a GPU of its own; default: 0, CPU)")
     ray.add_argument("--no-prefix-affinity", action="store_true",
                      help="route by load alone (power of two choices), not by prompt prefix")
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    if args.ray:
-        try:
-            from gptserve.deploy.launch import cli_spec, run_on_ray
-        except ImportError as e:
-            print(f"gptserve: error: --ray needs Ray Serve: pip install 'gptserve[ray]' ({e})", file=sys.stderr)
-            return 2
-        try:
-            spec = cli_spec(args.model, engine_config(args), server_config(args), args.num_replicas,
-                            args.autoscale, not args.no_prefix_affinity, args.replica_num_gpus)
-        except ValueError as e:
-            print(f"gptserve: error: {e}", file=sys.stderr)
-            return 2
-        run_on_ray(spec)
-        return 0
-    from gptserve.server.serve import run_server
-
-    run_server(args.model, engine_config(args), server_config(args))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gptserve",
-        description="An OpenAI-compatible inference server for GPT-2-family models.")
-    parser.add_argument("--log-level", default=None,
-                        help="DEBUG, INFO, WARNING (default: INFO for serve, WARNING otherwise)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                           description="Serve /v1/chat/completions, /v1/completions and friends.")
-    _engine_args(serve)
-    _serving_engine_args(serve)
-    _server_args(serve)
-    _ray_args(serve)
-    serve.set_defaults(func=cmd_serve)
-
-    gen = sub.add_parser("generate", help="complete a prompt on the command line",
-                         description="Print the prompt's continuation as it is generated.")
-    gen.add_argument("prompt")
-    _engine_args(gen)
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None, help="this request's sampling seed (serve's --seed seeds the engine)")
-    gen.add_argument("--ignore-eos", action="store_true")
-    gen.set_defaults(func=cmd_generate)
-
-    info = sub.add_parser("info", help="show a model's shape, size and memory needs")
-    _engine_args(info)
-    info.set_defaults(func=cmd_info)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdFilter())
-    from gptserve.engine.outputs import EngineError
-    from gptserve.engine.placement import PlacementError
-    from gptserve.engine.sampling_params import InvalidSamplingParams
-    from gptserve.model.tokenizer import TokenizerError
-    from gptserve.server.chat_template import ChatTemplateError
-    from gptserve.weights.loader import CheckpointError
-
-    try:
-        return args.func(args)
-    except (CheckpointError, TokenizerError, PlacementError, InvalidSamplingParams, EngineError,
-            ChatTemplateError) as e:
-        print(f"gptserve: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from gptserve.cli import main
+
+sys.exit(main())
