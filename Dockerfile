@@ -10,9 +10,9 @@ ARG TORCH_INDEX=
 # TORCH_EXTENSIONS_DIR: a fixed place for the compiled CPU kernel, so build time and run time
 # agree whatever $HOME is (it must stay writable at run time: torch takes a lock file there).
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TORCH_EXTENSIONS_DIR=/opt/torch_extensions
-WORKDIR /app
+WORKDIR /src
 
-# g++ builds the CPU kernels (gptserve/model/cpu_kernels.py); without it they silently fall back
+# g++ builds the CPU kernels (gptserve/model/csrc/); without it they silently fall back
 # to plain PyTorch. Not version-pinned: it follows the base image's Debian release.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -30,8 +30,11 @@ RUN pip install .
 # CPU at run time: on a CPU lacking the build host's instructions (e.g. AVX-512) the server dies
 # with an illegal instruction rather than falling back. Rebuild the image on (a CPU like) the
 # one that runs it, or run it with -e GPTSERVE_NO_KERNELS=1. (A step of its own, so the install
-# above stays the README's and a failed kernel build reruns alone.)
-# hadolint ignore=DL3059
+# above stays the README's and a failed kernel build reruns alone.) It runs in /app, which holds
+# no copy of the package: the build is cached for the sources at one path, and from /src
+# `python -c` would compile /src's copy, leaving the installed one, which the server imports,
+# to be compiled again at its first start.
+WORKDIR /app
 RUN python -c "from gptserve.model import cpu_kernels as k; import sys; sys.exit(0 if k.paged_decode() and k.row_argmax() else 'CPU kernels unavailable')"
 
 EXPOSE 8000

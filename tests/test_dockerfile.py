@@ -83,17 +83,30 @@ def test_the_cuda_image_keeps_triton_s_compiler_checks_its_torch_and_serves_on_t
     assert '"--device", "cuda"' in cmd
 
 
-def test_kernel_build_step():
+def workdir_at(dockerfile: Path, index: int) -> str:
+    """The WORKDIR in effect at instructions()[index]."""
+    return [args for op, args in instructions(dockerfile)[:index] if op == "WORKDIR"][-1]
+
+
+def test_kernel_build_step_compiles_the_installed_package(tmp_path):
+    ops = instructions()
+    [copy] = [i for i, (op, args) in enumerate(ops) if op == "COPY" and args.startswith("gptserve ")]
+    step = ops.index(("RUN", kernel_step()))
+    # the build is cached for the sources at one path: compiling the copied sources (python -c
+    # imports from its working directory first) would leave the installed package, the one the
+    # server imports, to compile again at the first start
+    assert workdir_at(DOCKERFILE, step) != workdir_at(DOCKERFILE, copy)
     compiler = [i for i, r in enumerate(runs()) if re.search(r"apt-get install .*\bg\+\+", r)]
     assert compiler and compiler[0] < runs().index(kernel_step()), "g++ is not installed before the kernel step"
     argv = shlex.split(kernel_step())
     assert argv[:2] == ["python", "-c"] and "paged_decode()" in argv[2] and "row_argmax()" in argv[2]
     argv[0] = sys.executable
     env = {k: v for k, v in os.environ.items() if k != "GPTSERVE_NO_KERNELS"}
-    # as in the image (WORKDIR holds gptserve/), compiling or reusing this machine's cached build
-    built = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # as in the image (a WORKDIR without gptserve/: the package this interpreter has installed),
+    # compiling or reusing this machine's cached build
+    built = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     # and the step fails the build where the kernels can't be had
-    missing = subprocess.run(argv, cwd=ROOT, env={**env, "GPTSERVE_NO_KERNELS": "1"},
+    missing = subprocess.run(argv, cwd=tmp_path, env={**env, "GPTSERVE_NO_KERNELS": "1"},
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0

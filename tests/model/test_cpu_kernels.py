@@ -3,16 +3,42 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
+from gptserve.model import cpu_kernels
 from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata
 from gptserve.model.cpu_kernels import paged_decode, row_argmax
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_kernel_builds_on_this_machine():
     assert paged_decode() is not None, "the C++ kernel did not build (a compiler and ninja are needed)"
+
+
+def test_the_kernel_sources_ship_in_the_package():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = config["tool"]["setuptools"]["package-data"]["gptserve.model"]
+    model = Path(cpu_kernels.__file__).parent
+    for source in cpu_kernels.SOURCES:
+        assert source.is_file() and any(source.relative_to(model).match(glob) for glob in shipped), source
+
+
+def test_a_failed_build_is_logged_by_its_first_compiler_error():
+    output = ("Error building extension 'gptserve_cpu_kernels_v4': [1/2] c++ -MMD -MF cpu_kernels.o.d -O3\n"
+              "FAILED: cpu_kernels.o\n"
+              "/x/csrc/cpu_kernels.cpp: In function 'at::Tensor row_argmax(at::Tensor)':\n"
+              "/x/csrc/cpu_kernels.cpp:66:3: error: expected ',' or ';' before 'auto'\n"
+              "/x/csrc/cpu_kernels.cpp:68:17: error: 'out' was not declared in this scope\n")
+    first = "/x/csrc/cpu_kernels.cpp:66:3: error: expected ',' or ';' before 'auto'"
+    assert cpu_kernels._reason(RuntimeError(output)) == first
+    # no compiler error (ninja or the compiler missing): the message's start, as it is
+    assert cpu_kernels._reason(RuntimeError("Ninja is required to load C++ extensions")) == \
+        "Ninja is required to load C++ extensions"
 
 
 @pytest.mark.parametrize("batch,max_blocks", [(1, 1), (5, 9), (33, 4)])
