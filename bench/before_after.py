@@ -4,7 +4,8 @@ Starts `gptserve serve` from each checkout in turn on the same random-weight GPT
 (bench/compare.py's checkpoint) and drives it with bench/serve.py at each concurrency:
 rounds alternate which side goes first, so drift on the machine falls on both. Reports
 each side's median over the rounds of output tokens/s, TTFT p50 and ITL p50, and
-after/before. `--endpoint chat` goes through the chat template (and its implicit stop).
+after/before. `--endpoint chat` goes through the chat template (and its implicit stop);
+`--dtype auto` serves at the default precision (float32 otherwise).
 
     git worktree add .cache/before <commit>
     python bench/before_after.py --before .cache/before --json bench/results/before_after.json
@@ -30,7 +31,7 @@ from compare import CACHE, ROOT, Peer, Server, free_port, make_checkpoint  # noq
 def run_side(args: argparse.Namespace, checkpoint: Path, source: Path, tag: str) -> dict[int, dict]:
     """One server from `source`, every concurrency level against it; serve.py's summaries."""
     port = free_port()
-    cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint), "--dtype", "float32",
+    cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(checkpoint), "--dtype", args.dtype,
            "--device", "cpu", "--max-num-seqs", "64", "--host", "127.0.0.1", "--port", str(port)]
     threads = str(args.threads)
     peer = Peer("gptserve", "gptserve", cmd, port, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}, source)
@@ -62,6 +63,7 @@ def main() -> None:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--concurrency", default=[1, 16], type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="float32", help="auto: the precision `gptserve serve` picks on this CPU")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--waves", type=int, default=2, help="requests per client")
@@ -92,7 +94,7 @@ def main() -> None:
     print("\n".join(table))
     if args.json:
         args.json.write_text(json.dumps({"medians": medians, "runs": runs, "rounds": args.rounds,
-                                         "endpoint": args.endpoint,
+                                         "endpoint": args.endpoint, "dtype": args.dtype,
                                          "input_len": args.input_len, "output_len": args.output_len}, indent=1))
 
 

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None, help="this request's sampling seed (serve's --seed seeds the engine)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="this request's sampling seed (serve's --seed seeds the engine)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

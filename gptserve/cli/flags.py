@@ -93,7 +93,8 @@ def server_args(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY', as Anthropic's clients send it)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY', as Anthropic's clients send it)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file")
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,

@@ -1,22 +1,20 @@
 """The async front of one engine replica: requests in from the event loop, outputs back,
 the step loop in a thread of its own.
 
-Who owns what: the engine thread owns the LLMEngine (the model, the KV pool, the
-scheduler, every request's state) and does all tensor work, loading the model included.
-The event loop never touches any of it: it sends commands (add, abort, inspect) through
-a queue and gets each step's outputs back in one call_soon_threadsafe hand-off per step,
-into one asyncio.Queue per request. What both threads read, the request streams and
-whether the loop is dead or stopping, changes only under `_lock`, so a request either
-registers before the loop dies (and is told it died) or sees it dead and fails at once.
-A request's grammar is compiled before the request goes in (`LLMEngine.prepare_grammar`,
-on the grammar threads), so the step loop never compiles one.
+Who owns what: the engine thread owns the LLMEngine (model, KV pool, scheduler, every
+request's state) and does all tensor work, loading included. The event loop never touches
+it: it sends commands (add, abort, call) through a queue and gets each step's outputs in
+one call_soon_threadsafe hand-off, into one asyncio.Queue per request. The request streams
+and whether the loop is dead or stopping change only under `_lock`, so a request either
+registers before the loop dies (and is told) or sees it dead and fails at once. A grammar
+is compiled before its request goes in (`LLMEngine.prepare_grammar`, on the grammar
+threads), so the step loop never compiles one.
 
-Why one thread does all tensor work: PyTorch's OpenMP runtime (libgomp) keeps a pool of
-worker threads for each thread that runs a parallel op, and once more pool threads exist
-than cores, every pool stops spin-waiting between ops and sleeps instead, so each of a
-decode step's few hundred small parallel ops pays a wake-up. A model loaded on the main
-thread and run on another measured 1.6x slower per linear layer (GPT-2 small, batch 1,
-2 cores).
+Why one thread does all tensor work: PyTorch's OpenMP runtime (libgomp) keeps a worker
+pool per thread that runs a parallel op; with more pool threads than cores every pool
+sleeps between ops instead of spinning, and each of a decode step's few hundred small ops
+pays a wake-up: loaded on one thread and run on another, GPT-2 small's linear layers ran
+1.6x slower (batch 1, 2 cores).
 """
 from __future__ import annotations
 
@@ -45,13 +43,11 @@ class AsyncEngine:
         errors raise here. The step loop runs from start()."""
         self.model_name = model or "gptserve-default"
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
+        self._wake, self._built, self._stepping_allowed = threading.Event(), threading.Event(), threading.Event()
         self._lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self._dead: BaseException | None = None
-        self._built = threading.Event()
-        self._go = threading.Event()
         self._build_error: BaseException | None = None
         build = (lambda: engine) if engine is not None else (lambda: LLMEngine(model, config))
         self._thread = threading.Thread(target=self._main, args=(build,), name="gptserve-engine", daemon=True)
@@ -59,19 +55,18 @@ class AsyncEngine:
         self._built.wait()
         if self._build_error is not None:
             raise self._build_error
-        self.tokenizer = self.engine.tokenizer
-        self.model_config = self.engine.model_config
-        self.dtype = str(self.engine.precision)
-        self.limits = self.engine.limits
+        self.tokenizer, self.model_config = self.engine.tokenizer, self.engine.model_config
+        self.dtype, self.limits = str(self.engine.precision), self.engine.limits
         self._stats = self.engine.stats()
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        self._go.set()
+        self._stepping_allowed.set()
 
     @property
     def is_ready(self) -> bool:
-        return self._go.is_set() and self._dead is None and not self._stopping and self._thread.is_alive()
+        alive = self._dead is None and not self._stopping and self._thread.is_alive()
+        return alive and self._stepping_allowed.is_set()
 
     async def shutdown(self) -> None:
         with self._lock:
@@ -79,7 +74,7 @@ class AsyncEngine:
             in_flight = list(self._streams)
         for request_id in in_flight:
             self.abort(request_id)
-        self._go.set()  # a never-started loop starts, finds nothing to do and ends
+        self._stepping_allowed.set()  # a never-started loop starts, finds nothing to do and ends
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10)
 
@@ -101,15 +96,13 @@ class AsyncEngine:
         try:
             while not ended:
                 item = await stream.get()
+                ended = isinstance(item, BaseException) or item.error is not None or item.finished
                 if isinstance(item, BaseException):
-                    ended = True
                     raise item
+                if item.error is not None and item.grammar_failed:
+                    raise GrammarError(f"request {request_id} failed: {item.error}")
                 if item.error is not None:
-                    ended = True
-                    if item.grammar_failed:
-                        raise GrammarError(f"request {request_id} failed: {item.error}")
                     raise RequestFailedError(request_id, item.error)
-                ended = item.finished
                 yield item
         finally:
             with self._lock:
@@ -138,14 +131,13 @@ class AsyncEngine:
             self._send(("call", fn, loop, done))
         return await done
 
-    def _check_running(self) -> None:
-        """Under _lock: refuse new work once the loop is dead or stopping."""
+    def _check_running(self) -> None:  # under _lock: no new work once the loop is dead or stopping
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped: {self._dead!r}")
         if self._stopping:
             raise EngineDeadError("the engine is shutting down")
 
-    def _send(self, command: tuple) -> None:
+    def _send(self, command: tuple) -> None:  # ("add", id, prompt, params) | ("call", fn, loop, done) | ("abort", id)
         self._commands.put(command)
         self._wake.set()
 
@@ -158,7 +150,7 @@ class AsyncEngine:
             return
         finally:
             self._built.set()
-        self._go.wait()
+        self._stepping_allowed.wait()
         try:
             self._run()
         except BaseException as e:  # noqa: BLE001 - whatever kills the loop, tell every waiter

@@ -110,8 +110,8 @@ class ModelRunner:
             meta.prefills.append(PrefillSpan(start, start + n, first + n, self._to_device(table)))
 
         for seq in batch.verifies:  # the last token and the guesses, every row due
-            n = 1 + len(seq.spec_token_ids)
-            span(seq, len(seq) - 1, [seq.token_ids[-1]] + seq.spec_token_ids)
+            n = 1 + len(seq.guesses)
+            span(seq, len(seq) - 1, [seq.token_ids[-1]] + seq.guesses)
             rows.extend(range(start, start + n))
             start += n
         logprob_spans: list[tuple[Sequence, int, int]] = []

@@ -48,7 +48,7 @@ class ScheduledBatch:
 
     @property
     def num_tokens(self) -> int:
-        return (len(self.decodes) + sum(1 + len(s.spec_token_ids) for s in self.verifies)
+        return (len(self.decodes) + sum(1 + len(s.guesses) for s in self.verifies)
                 + sum(n for _, n in self.prefills))
 
     def __bool__(self) -> bool:
@@ -109,27 +109,28 @@ class Scheduler:
             budget -= n
         # 4. speculative guesses of the decodes take what budget and blocks are left: a guess
         #    never holds back a prefill or an admission, nor preempts anyone
-        if any(seq.spec_token_ids for seq in batch.decodes):
+        if any(seq.guesses for seq in batch.decodes):
             self._schedule_guesses(batch, budget)
         return batch
 
     def _schedule_guesses(self, batch: ScheduledBatch, budget: int) -> None:
         decodes, batch.decodes = batch.decodes, []
         for seq in decodes:
-            k = min(len(seq.spec_token_ids), max(budget, 0))
+            k = min(len(seq.guesses), max(budget, 0))
             if k and self.block_manager.can_append(seq, k):
-                del seq.spec_token_ids[k:], seq.spec_matchers[k + 1:]
+                seq.decoding.keep_guesses(k)
                 self.block_manager.append_slots(seq, k)
                 batch.verifies.append(seq)
                 budget -= k
             else:
-                seq.spec_token_ids, seq.spec_matchers = [], []
+                seq.decoding.keep_guesses(0)
                 batch.decodes.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
-        seq.spec_token_ids, seq.spec_matchers = [], []
+        if seq.decoding is not None:
+            seq.decoding.keep_guesses(0)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -1,43 +1,17 @@
-"""A sequence's state: its tokens, how many have K/V in the cache, its blocks, its output."""
+"""A sequence's state: its tokens, how many have K/V in the cache, its blocks, its output
+not yet sent. How its output is decoded (text, grammar, stop rules, guesses) is its
+`Decoding` (decoding.py)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from enum import Enum, auto
 
-from gptserve.engine.detokenizer import StreamDetokenizer
-from gptserve.engine.outputs import FinishReason, Logprob
+from gptserve.engine.decoding import Decoding
+from gptserve.engine.outputs import ChoiceDelta, FinishReason, Logprob
 from gptserve.engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
-
-
-class SpeculationBackoff:
-    """Whether guessing pays for this sequence: the share of its guesses that stood, as a
-    moving average; below the threshold it stops guessing for 1, 2, 4, ... 64 steps, then
-    tries again (speculative decoding, engine/speculative.py)."""
-
-    __slots__ = ("acceptance", "skip", "wait")
-    MAX_WAIT = 64
-
-    def __init__(self):
-        self.acceptance = 1.0  # optimistic until guesses are checked
-        self.skip = 0  # steps left without guessing
-        self.wait = 1  # the next back-off's length
-
-    def ready(self) -> bool:
-        """Whether to guess this step (counts a skipped step down)."""
-        if self.skip:
-            self.skip -= 1
-            return False
-        return True
-
-    def record(self, proposed: int, accepted: int, threshold: float) -> None:
-        self.acceptance = 0.5 * self.acceptance + 0.5 * accepted / proposed
-        if self.acceptance >= threshold:
-            self.wait = 1
-            return
-        self.skip, self.wait = self.wait, min(2 * self.wait, self.MAX_WAIT)
-        self.acceptance = threshold  # one good verify after the pause brings it back
 
 
 class SequenceStatus(Enum):
@@ -50,7 +24,7 @@ class Sequence:
     """One choice of one request. A request with n > 1 has n sibling sequences."""
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, detokenizer: StreamDetokenizer):
+                 params: SamplingParams, decoding: Decoding | None = None):
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.index = index  # choice index within the request
@@ -64,18 +38,21 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
         self.finish_sent = False  # the finish reason has gone out in a delta
-        self.detokenizer = detokenizer
-        self.matcher = None  # llguidance.LLMatcher of the request's grammar (engine/grammar.py), if any
-        # speculative decoding (engine/speculative.py): this step's guesses of the next tokens,
-        # and with a grammar, the matcher after each accepted guess (index 0 is `matcher`)
-        self.spec_token_ids: list[int] = []
-        self.spec_matchers: list = []
-        self.spec_backoff = SpeculationBackoff()
+        self.decoding = decoding  # None for a sequence no output is made of (a draft model's view)
         # news since the last output was sent
         self.new_token_ids: list[int] = []
         self.new_text = ""
         self.new_logprobs: list[Logprob] = []
         self.prompt_logprobs: list[Logprob | None] | None = [None] if params.prompt_logprobs else None
+
+    @property
+    def matcher(self):
+        """The grammar's matcher at this sequence's next token (None: no grammar)."""
+        return None if self.decoding is None else self.decoding.matcher
+
+    @property
+    def guesses(self) -> list[int]:
+        return [] if self.decoding is None else self.decoding.guesses
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -113,10 +90,21 @@ class Sequence:
         """Whether n more computed tokens make this sequence's next token due."""
         return self.is_read_after(n) and not self.scores_only
 
-    def take_news(self) -> tuple[list[int], str, list[Logprob]]:
-        news = self.new_token_ids, self.new_text, self.new_logprobs
+    def append_output(self, token: int, logprob: Logprob | None) -> None:
+        self.token_ids.append(token)
+        self.new_token_ids.append(token)
+        if logprob is not None:
+            self.new_logprobs.append(logprob)
+
+    def take_delta(self) -> ChoiceDelta | None:
+        """What is new since the last delta (None: nothing, and no finish to tell)."""
+        ids, text, logprobs = self.new_token_ids, self.new_text, self.new_logprobs
+        if not (ids or text or (self.is_finished and not self.finish_sent)):
+            return None
         self.new_token_ids, self.new_text, self.new_logprobs = [], "", []
-        return news
+        self.finish_sent = self.is_finished
+        return ChoiceDelta(self.index, text, ids, logprobs if self.params.logprobs is not None else None,
+                           self.finish_reason, self.stop_reason)
 
 
 class VerifyRow:
@@ -127,8 +115,8 @@ class VerifyRow:
 
     def __init__(self, seq: Sequence, j: int):
         self.seq = seq
-        self.token_ids = seq.token_ids + seq.spec_token_ids[:j]
-        self.matcher = seq.spec_matchers[j] if seq.matcher is not None else None
+        self.token_ids = seq.token_ids + seq.guesses[:j]
+        self.matcher = seq.decoding.guess_matchers[j] if seq.matcher is not None else None
 
     @property
     def params(self) -> SamplingParams:
@@ -144,4 +132,27 @@ class VerifyRow:
 
     @staticmethod
     def rows_of(seq: Sequence) -> list["VerifyRow"]:
-        return [VerifyRow(seq, j) for j in range(len(seq.spec_token_ids) + 1)]
+        return [VerifyRow(seq, j) for j in range(len(seq.guesses) + 1)]
+
+
+@dataclass
+class Request:
+    """A request's sequences: one per choice (n)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    parked: list[Sequence] = field(default_factory=list)  # n > 1 siblings, admitted after the prompt is cached
+    sent_first: bool = False
+
+
+def rows_by_sequence(rows: list, tokens: list[int], logprobs: list) -> list[tuple[Sequence, list[int], list]]:
+    """The step's sampled rows grouped by sequence, in row order (a verify has several)."""
+    grouped: dict[int, tuple[Sequence, list[int], list]] = {}
+    for row, token, logprob in zip(rows, tokens, logprobs):
+        seq = row.seq if isinstance(row, VerifyRow) else row
+        _, seq_tokens, seq_logprobs = grouped.setdefault(seq.seq_id, (seq, [], []))
+        seq_tokens.append(token)
+        seq_logprobs.append(logprob)
+    return list(grouped.values())

@@ -31,8 +31,11 @@ loop) keep going meanwhile.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -45,6 +48,9 @@ SOURCES = [Path(__file__).parent / "csrc" / "cpu_kernels.cpp"]
 # a new name for each change of the bindings or of how they are built, so that an old cached
 # build isn't loaded
 EXTENSION = "gptserve_cpu_kernels_v4"
+# torch's build lock; a build takes a minute at most, so an older lock was left by a build
+# that was killed, and would make every later start wait for it forever
+STALE_LOCK_S = 600
 
 PagedDecode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
                        torch.Tensor]
@@ -96,7 +102,23 @@ def _build() -> ModuleType:
 
     return load(name=EXTENSION, sources=[str(p) for p in SOURCES],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
+                extra_ldflags=["-fopenmp"], build_directory=str(_build_directory()), verbose=False)
+
+
+def _build_directory() -> Path:
+    """This checkout's build folder under torch's extensions root: `load` rebuilds when the
+    sources' path changes, so two checkouts (or an installed copy and a source tree) each
+    keep a build of their own instead of replacing each other's."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = hashlib.sha256(str(SOURCES[0].resolve()).encode()).hexdigest()[:10]
+    folder = Path(get_default_build_root()) / f"{EXTENSION}_py{sys.version_info[0]}{sys.version_info[1]}_{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing %s, left by a kernel build that did not finish", lock)
+        lock.unlink(missing_ok=True)
+    return folder
 
 
 def _reason(e: Exception) -> str:

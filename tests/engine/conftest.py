@@ -75,8 +75,9 @@ def make_engine(tiny_checkpoint, speculation, precision):
     for engine in engines:
         assert not engine.has_unfinished()
         assert engine.block_manager.num_used_blocks == 0, "KV blocks leaked"
-        if engine.proposer is not None and hasattr(engine.proposer, "block_manager"):
-            assert engine.proposer.block_manager.num_used_blocks == 0, "draft KV blocks leaked"
+        proposer = engine.speculator.proposer if engine.speculator is not None else None
+        if proposer is not None and hasattr(proposer, "block_manager"):
+            assert proposer.block_manager.num_used_blocks == 0, "draft KV blocks leaked"
 
 
 def greedy_alone(model: GPT2, prompt: list[int], n: int) -> tuple[list[int], list[float], list[float]]:

@@ -2,18 +2,12 @@
 from __future__ import annotations
 
 from gptserve.engine.block_manager import BlockManager
-from gptserve.engine.detokenizer import StreamDetokenizer
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.sequence import Sequence
 
 
-class _NoTokenizer:
-    def incremental_decoder(self):
-        return None
-
-
 def seq(tokens: list[int]) -> Sequence:
-    return Sequence("r", 0, tokens, SamplingParams(), StreamDetokenizer(_NoTokenizer(), []))
+    return Sequence("r", 0, tokens, SamplingParams())
 
 
 def computed(bm: BlockManager, s: Sequence) -> Sequence:

@@ -9,14 +9,12 @@ import torch
 from gptserve.engine.sampler import LOGPROB_FLOOR, Sampler
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.sequence import Sequence
-from tests.engine.test_block_manager import _NoTokenizer
-from gptserve.engine.detokenizer import StreamDetokenizer
 
 V = 50
 
 
 def seqs(*params: SamplingParams, tokens=(1, 2, 3)) -> list[Sequence]:
-    return [Sequence("r", 0, list(tokens), p, StreamDetokenizer(_NoTokenizer(), [])) for p in params]
+    return [Sequence("r", 0, list(tokens), p) for p in params]
 
 
 def logits_rows(n: int, seed: int = 0) -> torch.Tensor:

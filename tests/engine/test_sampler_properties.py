@@ -9,11 +9,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptserve.engine.detokenizer import StreamDetokenizer
 from gptserve.engine.sampler import Sampler
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.sequence import Sequence
-from tests.engine.test_block_manager import _NoTokenizer
 from tests.engine.test_sampler import grammar_mask
 
 V = 40  # the vocabulary: the tokens that may be chosen
@@ -60,7 +58,7 @@ def rows(draw):
 def sequences(batch) -> list[Sequence]:
     out = []
     for p, prompt, output, _, _ in batch:
-        seq = Sequence("r", 0, prompt, p, StreamDetokenizer(_NoTokenizer(), []))
+        seq = Sequence("r", 0, prompt, p)
         seq.token_ids.extend(output)
         out.append(seq)
     return out

@@ -11,7 +11,8 @@ import torch
 from gptserve.config import EngineConfig, SpeculativeConfig
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.sampling_params import SamplingParams
-from gptserve.engine.speculative import NgramProposer, accepted_count
+from gptserve.engine.proposers import NgramProposer
+from gptserve.engine.speculative import accepted_count
 from gptserve.model.attention import DenseAttention
 from tests.engine.conftest import assert_same_greedy, random_prompts, run_collect
 
@@ -49,7 +50,7 @@ def test_greedy_output_is_plain_greedy_and_guesses_are_accepted(tiny_checkpoint,
     outs = run_collect(engine, prompts, SamplingParams(max_tokens=48, logprobs=0, **GREEDY))
     for prompt, (tokens, logprobs) in zip(prompts, outs):
         assert_same_greedy(tokens, prompt, engine.model, logprobs)
-    st = engine.spec_stats
+    st = engine.speculator.stats
     assert 0 < st.accepted_tokens[method] < st.draft_tokens[method]
     assert engine.block_manager.num_used_blocks == 0
 
@@ -62,7 +63,7 @@ def test_seeded_sampling_gives_the_same_tokens_with_and_without_speculation(tiny
     plain = engine_with(tiny_checkpoint, None).generate(prompts, params)
     ngram = engine_with(tiny_checkpoint, "ngram")
     assert ngram.generate(prompts, params) == plain
-    assert ngram.spec_stats.accepted_tokens["ngram"] > 0
+    assert ngram.speculator.stats.accepted_tokens["ngram"] > 0
 
 
 def test_structured_output_keeps_its_grammar_across_accepted_guesses(tiny_checkpoint):
@@ -73,7 +74,7 @@ def test_structured_output_keeps_its_grammar_across_accepted_guesses(tiny_checkp
     got = engine.generate([prompt], params)[0][0]
     assert got == plain
     assert engine.tokenizer.decode(got) == "amen, " * 6 + "so be it"
-    assert engine.spec_stats.accepted_tokens["ngram"] > 0  # ", amen" repeats: guesses stood
+    assert engine.speculator.stats.accepted_tokens["ngram"] > 0  # ", amen" repeats: guesses stood
 
 
 def test_stop_strings_and_max_tokens_cut_inside_an_accepted_run(tiny_checkpoint):
@@ -107,8 +108,8 @@ def test_sampled_tokens_follow_the_models_distribution_exactly(tiny_checkpoint):
     assert len(exact) == 27
     samples = [tuple(choice) for req in engine.generate([prompt] * 40, _with(SAMPLED, n=50)) for choice in req]
     assert min(exact.values()) * len(samples) > 5  # enough draws for the chi-square approximation
-    assert engine.spec_stats.draft_tokens["draft"] > 0.5 * len(samples)  # most second tokens were verified
-    assert engine.spec_stats.accepted_tokens["draft"] > 0.05 * len(samples)  # third tokens from verify rows
+    assert engine.speculator.stats.draft_tokens["draft"] > 0.5 * len(samples)  # most second tokens were verified
+    assert engine.speculator.stats.accepted_tokens["draft"] > 0.05 * len(samples)  # third tokens from verify rows
     assert _chi_square(Counter(samples), exact, len(samples)) < CHI2_26_DOF_P001
     # the same check fails a verifier that always accepts the guess: the second token would
     # always be the likeliest one, the third drawn after it

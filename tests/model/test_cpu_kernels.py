@@ -111,3 +111,19 @@ def test_the_event_loop_runs_while_a_kernel_runs_on_another_thread():
     turns, out = asyncio.run(count_turns_while_it_runs())
     assert out.shape == q.shape and bool(out.isfinite().all())
     assert turns >= 20, f"the event loop ran {turns} times while the kernel ran: is the GIL held?"
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from gptserve.model import cpu_kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = cpu_kernels._build_directory()
+    lock = folder / "lock"
+    lock.touch()
+    assert cpu_kernels._build_directory() == folder and lock.exists()  # another process may be building
+    stale = time.time() - cpu_kernels.STALE_LOCK_S - 1
+    os.utime(lock, (stale, stale))
+    assert cpu_kernels._build_directory() == folder and not lock.exists()

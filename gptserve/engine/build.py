@@ -1,0 +1,107 @@
+"""An engine's start-up: everything LLMEngine's step loop needs, built once.
+
+In order: the device (bound first, so this thread's CUDA work lands on it) and precision;
+the model and tokenizer, loaded; the KV pool, sized from what is left of the memory; the
+block manager, scheduler, sampler and model runner over it; the CPU kernels built (or
+their cached build loaded) now rather than mid-request, and the linear layers compacted
+to 16/8 bits or packed for oneDNN; the grammar compiler; and, when asked for, the
+speculator with its proposer (a draft model has a KV pool of its own).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from gptserve.config import EngineConfig
+from gptserve.engine.block_manager import BlockManager
+from gptserve.engine.grammar import GrammarCompiler
+from gptserve.engine.limits import EngineLimits
+from gptserve.engine.model_runner import ModelRunner
+from gptserve.engine.placement import (Precision, bind_device, kv_cache_bytes, profile_gpu_memory, resolve_device,
+                                       resolve_precision)
+from gptserve.engine.proposers import build_proposer
+from gptserve.engine.sampler import Sampler
+from gptserve.engine.scheduler import Scheduler
+from gptserve.engine.speculative import Speculator
+from gptserve.model.attention import KVPool
+from gptserve.model.compact_linear import WEIGHT_FORMATS, compact_for_cpu
+from gptserve.model.cpu_kernels import paged_decode
+from gptserve.model.gpt2 import GPT2
+from gptserve.model.packed_linear import pack_for_cpu
+from gptserve.model.tokenizer import Tokenizer
+from gptserve.weights.loader import load_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineParts:
+    device: torch.device
+    precision: Precision
+    model: GPT2
+    tokenizer: Tokenizer
+    pool: KVPool
+    limits: EngineLimits
+    block_manager: BlockManager
+    scheduler: Scheduler
+    runner: ModelRunner
+    grammars: GrammarCompiler
+    speculator: Speculator | None
+    packed: bool  # linear layers packed for oneDNN
+
+
+def build_parts(model: str | None, config: EngineConfig, loaded: tuple[GPT2, Tokenizer] | None = None
+                ) -> EngineParts:
+    """`model`: a folder or Hub id (None: the bundled model); `loaded`: a model and tokenizer
+    already in memory, used instead."""
+    device = resolve_device(config.device)
+    bind_device(device)  # this thread's CUDA work (load, graphs, Triton) goes to our GPU: bind first
+    precision = resolve_precision(config.dtype, config.quantization, device)
+    dtype = precision.compute
+    if loaded is None:
+        path = resolve_model_path(model)
+        tokenizer = Tokenizer.from_folder(path)  # first: a bad tokenizer fails before the long load
+        gpt2 = load_model(path, device, dtype)
+    else:
+        gpt2, tokenizer = loaded
+    mc = gpt2.config
+    max_model_len = min(config.max_model_len or mc.n_positions, mc.n_positions)
+    weights_bytes = sum(p.numel() * p.element_size() for p in gpt2.parameters())
+    per_block = KVPool.bytes_per_block(mc.n_layer, config.block_size, mc.n_head, mc.head_dim, dtype)
+    budget = kv_cache_bytes(device, config.kv_cache_memory, config.gpu_memory_utilization,
+                            weights_bytes, profile_gpu_memory(gpt2, config, max_model_len))
+    num_blocks = max(1, budget // per_block - 1)  # one more block is the pool's scratch block
+    pool = KVPool(mc.n_layer, num_blocks, config.block_size, mc.n_head, mc.head_dim, dtype, device)
+    # a model's vocabulary may be padded past the tokenizer's: no token names those rows
+    vocab_size = min(mc.vocab_size, tokenizer.vocab_size)
+    limits = EngineLimits(max_model_len, vocab_size, num_blocks * config.block_size)
+    block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+    graph_sizes = () if config.enforce_eager else tuple(
+        b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs)
+    runner = ModelRunner(gpt2, pool, Sampler(vocab_size, device, config.seed), max_model_len, graph_sizes)
+    packed = _prepare_weights(gpt2, device, precision)
+    speculator = None
+    if config.speculative is not None:
+        proposer = build_proposer(config.speculative, mc, vocab_size, device, dtype, num_blocks,
+                                  config.block_size, max_model_len)
+        speculator = Speculator(config.speculative, proposer, limits, block_manager)
+    log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
+             model or "default model", device, precision, ", oneDNN-packed linear layers" if packed else "",
+             num_blocks, config.block_size, num_blocks * per_block / 2**20, max_model_len)
+    return EngineParts(device, precision, gpt2, tokenizer, pool, limits, block_manager, scheduler, runner,
+                       GrammarCompiler(tokenizer, vocab_size), speculator, packed)
+
+
+def _prepare_weights(model: GPT2, device: torch.device, precision: Precision) -> bool:
+    """Ready the CPU's fast paths; whether the linear layers were packed for oneDNN."""
+    if device.type != "cpu":
+        return False
+    if precision.compute == torch.float32:
+        paged_decode()  # build (or load the cached build of) the CPU kernel now, not mid-request
+    if precision.weights in WEIGHT_FORMATS:
+        compact_for_cpu(model, precision.weights)  # 16- or 8-bit weights, float32 math
+        return False
+    return pack_for_cpu(model)  # oneDNN-packed linear layers (CPU float32)
