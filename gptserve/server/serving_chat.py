@@ -17,7 +17,7 @@ from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, Cha
                                       ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                       ChatLogprobToken, ChatResponseMessage, DeltaMessage, TopLogprob, Usage)
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
-from gptserve.server.serving import ServingContext, clamp_logprob
+from gptserve.server.serving import LimitedSettings, ServingContext, clamp_logprob
 from gptserve.server.structured import ToolCallStream, ToolPlan, format_grammar, parse_tool_calls, tool_plan
 
 if TYPE_CHECKING:
@@ -70,11 +70,10 @@ class ServingChat:
 
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
         max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        ctx.check_limits(n=req.n, max_tokens=req.max_new_tokens(), max_tokens_param=max_tokens_param,
-                         logprobs=req.num_logprobs(), logprobs_param="top_logprobs", stop=req.stop_strings)
+        ctx.admit(req.model, LimitedSettings(n=req.n, max_tokens=req.max_new_tokens(),
+                                             max_tokens_param=max_tokens_param, logprobs=req.num_logprobs(),
+                                             logprobs_param="top_logprobs", stop=req.stop_strings))
         legacy = req.functions is not None  # one function_call, never several
         plan = await tool_plan(req.tool_list, req.tool_choice_or_legacy, False if legacy else req.parallel_tool_calls,
                                ctx.config)

@@ -15,7 +15,7 @@ from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                       Usage)
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
-from gptserve.server.serving import ServingContext, clamp_logprob
+from gptserve.server.serving import LimitedSettings, ServingContext, clamp_logprob
 from gptserve.server.structured import format_grammar
 
 if TYPE_CHECKING:
@@ -64,10 +64,8 @@ class ServingCompletion:
 
     async def create(self, req: CompletionRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
-        ctx.check_limits(n=req.n, max_tokens=req.max_new_tokens(), max_tokens_param="max_tokens",
-                         logprobs=req.num_logprobs(), logprobs_param="logprobs", stop=req.stop_strings)
+        ctx.admit(req.model, LimitedSettings(n=req.n, max_tokens=req.max_new_tokens(), logprobs=req.num_logprobs(),
+                                             stop=req.stop_strings))
         prompts, prompt_texts = self._prompts(req)
         grammar, grammar_param = await format_grammar(req.response_format, req.structured_outputs, ctx.config)
         try:

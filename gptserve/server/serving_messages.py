@@ -33,16 +33,17 @@ from gptserve.server.protocol.anthropic_answers import (AnthropicUsage, ContentB
                                                         CountTokensResponse, InputJsonDelta, MessageDelta,
                                                         MessageDeltaEvent, MessagesResponse, MessageStartEvent,
                                                         MessageStopEvent, PingEvent, StopReason, TextDelta)
-from gptserve.server.serving import Event, ServingContext, StreamFormat
+from gptserve.server.serving import LimitedSettings, ServingContext
+from gptserve.server.sse import Event, StreamFormat
 from gptserve.server.serving_chat import chat_prompt, open_chat
 from gptserve.server.structured import ToolCallStream, ToolPlan, parse_tool_calls, tool_plan
 
 
-def anthropic_error_event(err: APIError) -> Event:
-    return ServerSentEvent(event="error", data=json.dumps(anthropic_error_body(err)))
+def anthropic_error_events(err: APIError) -> list[Event]:
+    return [ServerSentEvent(event="error", data=json.dumps(anthropic_error_body(err)))]
 
 
-ANTHROPIC_STREAM = StreamFormat(error_event=anthropic_error_event, done=None)
+ANTHROPIC_STREAM = StreamFormat(error_events=anthropic_error_events, done=None)
 
 
 # --- the request, as a chat turn ----------------------------------------------------------
@@ -173,10 +174,8 @@ class ServingMessages:
 
     async def create(self, req: MessagesRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
-        ctx.check_limits(max_tokens=req.max_tokens, max_tokens_param="max_tokens", stop=req.stop_strings,
-                         stop_param="stop_sequences")
+        ctx.admit(req.model, LimitedSettings(max_tokens=req.max_tokens, stop=req.stop_strings,
+                                             stop_param="stop_sequences"))
         plan = await chat_tools(req, ctx.config)
         generation = open_chat(ctx, chat_messages(req), plan, None, "output_config", req.to_sampling_params,
                                f"msg_{uuid.uuid4().hex[:24]}", add_generation_prompt=not req.prefilled)

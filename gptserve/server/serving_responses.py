@@ -19,12 +19,12 @@ from fastapi.responses import Response
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.server.errors import InvalidRequestError, NotFoundError
 from gptserve.server.generation import Generation, collect, usage_of
-from gptserve.server.protocol import (ChatMessage, FunctionCallInMessage, FunctionDefinition, InputItemList,
+from gptserve.server.protocol import (ChatMessage, FunctionCallInMessage, InputItemList,
                                       NamedFunction, NamedToolChoice, ResponseDeleted, ResponseObject,
                                       ResponsesRequest, Tool, ToolCallInMessage, content_text)
-from gptserve.server.response_events import RESPONSES_STREAM, OutputWriter, finished, new_id, output_items, response_events
+from gptserve.server.response_events import OutputWriter, ResponseStream, finished, new_id, output_items
 from gptserve.server.response_store import ConversationBrokenError, ResponseStore
-from gptserve.server.serving import ServingContext
+from gptserve.server.serving import LimitedSettings, ServingContext
 from gptserve.server.serving_chat import open_chat
 from gptserve.server.structured import ToolPlan, text_format_grammar, tool_plan
 
@@ -41,11 +41,9 @@ class ServingResponses:
 
     async def create(self, req: ResponsesRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
         logprobs = (req.top_logprobs or 0) if req.wants_logprobs else None
-        ctx.check_limits(max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
-                         logprobs=logprobs, logprobs_param="top_logprobs")
+        ctx.admit(req.model, LimitedSettings(max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
+                                             logprobs=logprobs, logprobs_param="top_logprobs"))
         items = stored_items(req.input)
         conversation = await self._conversation(req.previous_response_id) + items
         plan = await tool_plan(self._tools(req), self._tool_choice(req), req.parallel_tool_calls, ctx.config)
@@ -61,11 +59,10 @@ class ServingResponses:
         generation = open_chat(ctx, chat_messages(req.instructions, conversation), plan, text_format, "text.format",
                                sampling, response.id, prompt_param="input")
         writer = OutputWriter(ctx.tokenizer, plan, req.wants_logprobs)
-        return await ctx.respond(
-            request, generation, bool(req.stream),
-            lambda: response_events(response, generation, writer, lambda r: self._finish(r, items)),
-            lambda: self._complete(response, generation, plan, writer, items),
-            stream_format=RESPONSES_STREAM)
+        stream = ResponseStream(response, generation, writer, lambda r: self._finish(r, items))
+        return await ctx.respond(request, generation, bool(req.stream), stream.events,
+                                 lambda: self._complete(response, generation, plan, writer, items),
+                                 stream_format=stream.format)
 
     async def _conversation(self, previous_response_id: str | None) -> list[dict[str, Any]]:
         if previous_response_id is None:
@@ -87,8 +84,7 @@ class ServingResponses:
     def _tools(req: ResponsesRequest) -> list[Tool] | None:
         if req.tools is None:
             return None
-        return [Tool(type="function", function=FunctionDefinition(
-            name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)) for t in req.tools]
+        return [Tool(type="function", function=tool) for tool in req.tools]
 
     @staticmethod
     def _tool_choice(req: ResponsesRequest) -> str | NamedToolChoice | None:

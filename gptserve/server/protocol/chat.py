@@ -5,8 +5,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from gptserve.server.protocol.base import (OpenAIModel, OpenAIRequest, SamplingRequest, TopLogprob, Usage,
-                                           documented, invalid, nullable, now, refuse_non_text, unsupported)
+from gptserve.server.protocol.base import (TEXT_ONLY, OpenAIModel, OpenAIRequest, Refused, SamplingRequest,
+                                           TopLogprob, Usage, documented, invalid, nullable, now, refuse_non_text)
 from gptserve.server.protocol.structured import (FunctionCall, FunctionCallDelta, FunctionDefinition, NamedFunction, NamedToolChoice,
                                                  ResponseFormat, StructuredOutputs, Tool, ToolCall,
                                                  ToolCallDelta, ToolCallInMessage, ToolChoice, tool_names_unique)
@@ -80,25 +80,17 @@ class ChatCompletionRequest(SamplingRequest):
     audio: Any = documented(type="null")
     modalities: Any = documented(**nullable({"const": ["text"]}))
     web_search_options: Any = documented(type="null")
+    REFUSED = {
+        "audio": Refused("'audio'", TEXT_ONLY),
+        "modalities": Refused("'modalities'", "only [\"text\"] is available",
+                              asks=lambda value: value is not None and value != ["text"]),
+        "web_search_options": Refused("'web_search_options'", TEXT_ONLY),
+    }
 
     @field_validator("tools")
     @classmethod
     def _unique_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
         return None if tools is None else tool_names_unique(tools)
-
-    @field_validator("audio", "web_search_options")
-    @classmethod
-    def _no_audio_or_search(cls, value: Any, info: Any) -> Any:
-        if value is not None:
-            raise unsupported(f"'{info.field_name}'", "this server serves a text-only model")
-        return value
-
-    @field_validator("modalities")
-    @classmethod
-    def _text_modality_only(cls, value: Any) -> Any:
-        if value is not None and value != ["text"]:
-            raise unsupported("'modalities'", "only [\"text\"] is available")
-        return value
 
     @model_validator(mode="after")
     def _coherent(self) -> "ChatCompletionRequest":

@@ -13,13 +13,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from gptserve.server.protocol.base import (INVALID, UNSUPPORTED, OpenAIModel, OpenAIRequest, documented, invalid,
-                                           unsupported)
-from gptserve.server.protocol.structured import NAME_PATTERN, check_tool_names_unique
+from gptserve.server.protocol.base import (INVALID, UNSUPPORTED, OpenAIModel, OpenAIRequest, Refused, RequestBody,
+                                           documented, invalid, unsupported)
+from gptserve.server.protocol.structured import NAME_PATTERN, FunctionDefinition, check_tool_names_unique
 
 INPUT_ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text")
 ITEM_TYPES = ("message", "function_call", "function_call_output")
+CONTINUE_BY_ID = "use previous_response_id to continue a conversation"
 
 
 def _part_texts(content: Any, where: str) -> Any:
@@ -101,12 +102,15 @@ def _item_error(error: ValidationError, index: int) -> PydanticCustomError:
     return invalid(f"Invalid value for '{param}': {first['msg']}", param)
 
 
-class FunctionTool(OpenAIRequest):
+class FunctionToolType(OpenAIRequest):
     type: Literal["function"]
-    name: str = Field(pattern=NAME_PATTERN)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON Schema; None: no arguments
-    strict: bool | None = None
+
+
+# A function tool as the Responses API writes it: its type, then the function's definition,
+# flat. (pydantic orders fields from the last base to the first: `type` comes first, as
+# the API writes it, and a wrong type is the error named before any other.)
+class FunctionTool(FunctionDefinition, FunctionToolType):
+    pass
 
 
 class FunctionToolChoice(OpenAIRequest):
@@ -133,7 +137,7 @@ class TextConfig(OpenAIRequest):
     verbosity: Any = None  # a hint for reasoning models; nothing to do here
 
 
-class ResponsesRequest(OpenAIRequest):
+class ResponsesRequest(RequestBody):
     model: str | None = None  # None: the served model
     input: str | list[InputItem]
     instructions: str | None = None
@@ -163,6 +167,16 @@ class ResponsesRequest(OpenAIRequest):
     reasoning: dict[str, Any] | None = None
     conversation: Any = documented(type="null")
     prompt: Any = documented(type="null")
+    REFUSED = {
+        "truncation": Refused("truncation 'auto'", "an input longer than the context is refused, not cut",
+                              asks=lambda value: value == "auto"),
+        "background": Refused("background mode", "responses are generated while the request waits",
+                              asks=lambda value: value is True),
+        "reasoning": Refused("'reasoning'", "a GPT-2 model does not reason before it answers",
+                             asks=lambda value: isinstance(value, dict) and any(v is not None for v in value.values())),
+        "conversation": Refused("'conversation'", CONTINUE_BY_ID),
+        "prompt": Refused("'prompt'", CONTINUE_BY_ID),
+    }
 
     @field_validator("input", mode="before")
     @classmethod
@@ -194,34 +208,6 @@ class ResponsesRequest(OpenAIRequest):
         if tools is not None:
             check_tool_names_unique([t.name for t in tools])
         return tools
-
-    @field_validator("truncation", mode="before")
-    @classmethod
-    def _no_truncation(cls, value: Any) -> Any:
-        if value == "auto":
-            raise unsupported("truncation 'auto'", "an input longer than the context is refused, not cut")
-        return value
-
-    @field_validator("background")
-    @classmethod
-    def _no_background(cls, value: bool | None) -> bool | None:
-        if value:
-            raise unsupported("background mode", "responses are generated while the request waits")
-        return value
-
-    @field_validator("reasoning")
-    @classmethod
-    def _no_reasoning(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value and any(v is not None for v in value.values()):
-            raise unsupported("'reasoning'", "a GPT-2 model does not reason before it answers")
-        return value
-
-    @field_validator("conversation", "prompt")
-    @classmethod
-    def _not_served(cls, value: Any, info: Any) -> Any:
-        if value is not None:
-            raise unsupported(f"'{info.field_name}'", "use previous_response_id to continue a conversation")
-        return value
 
     @field_validator("metadata")
     @classmethod
