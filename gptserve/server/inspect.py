@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from pydantic import Field
 
 from gptserve.server.errors import InvalidRequestError
-from gptserve.server.protocol import OpenAIModel
+from gptserve.server.protocol.base import OpenAIModel
 from gptserve.server.serving import ServingContext
 
 MAX_INSPECT_TOKENS = 128  # a 128 x 128 heatmap still has a few pixels per cell

@@ -31,7 +31,7 @@ from gptserve.server.errors import (ClientDisconnected, InvalidRequestError, Mod
                                     QueueFullError, from_exception)
 from gptserve.server.generation import Generation
 from gptserve.server.metrics import ServerMetrics
-from gptserve.server.protocol import ChatMessage
+from gptserve.server.protocol.messages import ChatMessage
 from gptserve.server.sse import OPENAI_STREAM, Event, EventStream, StreamFormat, sse_frames
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
 """What every API family's wire format shares: the base models, the error kinds that
-errors.py words, the sampling fields of chat and completions, usage, models, errors."""
+errors.py words, the fields a request refuses by name (`RequestBody.REFUSED`), the
+sampling fields of chat and completions, usage, models, errors."""
 from __future__ import annotations
 
 import time

@@ -12,9 +12,10 @@ from fastapi.responses import Response
 from gptserve.engine.outputs import Logprob
 from gptserve.engine.sampling_params import InvalidSamplingParams
 from gptserve.server.errors import InvalidRequestError
-from gptserve.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      Usage)
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
+from gptserve.server.openai.protocol.completions import (CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                                         CompletionResponse)
+from gptserve.server.protocol.base import Usage
 from gptserve.server.serving import LimitedSettings, ServingContext, clamp_logprob
 from gptserve.server.structured import format_grammar
 

@@ -1,5 +1,5 @@
-"""The Responses API on the wire (`POST /v1/responses` and its GET, DELETE and
-input_items), with OpenAI's field names.
+"""What a client sends to the Responses API (`POST /v1/responses`), with OpenAI's field
+names; what it answers is in answers.py.
 
 A request's `input` is a string or a list of items: messages (content a string or
 `input_text` / `output_text` parts), `function_call` items (an earlier answer's calls)
@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from gptserve.server.protocol.base import (INVALID, UNSUPPORTED, OpenAIModel, OpenAIRequest, Refused, RequestBody,
-                                           documented, invalid, unsupported)
+from gptserve.server.protocol.base import (INVALID, UNSUPPORTED, OpenAIRequest, Refused, RequestBody, documented,
+                                           invalid, unsupported)
 from gptserve.server.protocol.structured import NAME_PATTERN, FunctionDefinition, check_tool_names_unique
 
 INPUT_ROLES = ("user", "assistant", "system", "developer")
@@ -230,67 +230,3 @@ class ResponsesRequest(RequestBody):
     @property
     def wants_logprobs(self) -> bool:
         return "message.output_text.logprobs" in (self.include or [])
-
-
-# --- answers ---------------------------------------------------------------------------
-
-
-class ResponseUsage(OpenAIModel):
-    input_tokens: int
-    input_tokens_details: dict[str, int]
-    output_tokens: int
-    output_tokens_details: dict[str, int]
-    total_tokens: int
-
-
-class ResponseObject(OpenAIModel):
-    """A response, as POST answers it, GET returns it and the stream's events carry it."""
-
-    id: str
-    object: Literal["response"] = "response"
-    created_at: int
-    status: Literal["completed", "failed", "in_progress", "incomplete"]
-    error: dict[str, Any] | None = None
-    incomplete_details: dict[str, str] | None = None
-    instructions: str | None = None
-    max_output_tokens: int | None = None
-    max_tool_calls: int | None = None
-    model: str
-    output: list[dict[str, Any]] = Field(default_factory=list)
-    parallel_tool_calls: bool = True
-    previous_response_id: str | None = None
-    reasoning: dict[str, Any] = Field(default_factory=lambda: {"effort": None, "summary": None})
-    store: bool = True
-    temperature: float | None = None
-    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
-    tool_choice: str | dict[str, Any] = "auto"
-    tools: list[dict[str, Any]] = Field(default_factory=list)
-    top_logprobs: int | None = None
-    top_p: float | None = None
-    truncation: str = "disabled"
-    usage: ResponseUsage | None = None
-    user: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-    background: bool = False
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-
-
-class ResponseDeleted(OpenAIModel):
-    id: str
-    object: Literal["response.deleted"] = "response.deleted"
-    deleted: bool = True
-
-
-class InputItemList(OpenAIModel):
-    object: Literal["list"] = "list"
-    data: list[dict[str, Any]]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-
-__all__ = ["ResponsesRequest", "MessageItem", "FunctionCallItem", "FunctionCallOutputItem", "InputItem",
-           "FunctionTool", "FunctionToolChoice", "TextFormat", "TextConfig", "ResponseUsage", "ResponseObject",
-           "ResponseDeleted", "InputItemList", "content_text", "INPUT_ROLES"]

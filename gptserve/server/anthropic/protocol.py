@@ -5,8 +5,7 @@ A text-only GPT-2 reads text, tool_use and tool_result blocks; any other block t
 (image, document, thinking, ...) and the features behind them (`thinking`,
 `output_config.format`, server tools, MCP servers, containers) are refused by name rather
 than silently ignored; other unknown fields are ignored. What the API answers (a message,
-a token count, an error, the stream's events) is in anthropic_answers.py. Neither is
-re-exported by the package's `__init__` (the names would shadow OpenAI's).
+a token count, an error, the stream's events) is in answers.py.
 """
 from __future__ import annotations
 

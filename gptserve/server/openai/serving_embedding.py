@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from gptserve.server.errors import InvalidRequestError, UnsupportedParameterError
-from gptserve.server.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from gptserve.server.openai.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from gptserve.server.serving import ServingContext
 
 MAX_INPUTS = 2048  # as OpenAI's

@@ -22,9 +22,10 @@ from sse_starlette import ServerSentEvent
 from gptserve.engine.outputs import Logprob
 from gptserve.server.errors import APIError
 from gptserve.server.generation import ChoiceResult, Generation, UsageCounter, finish_reason_of
-from gptserve.server.protocol import ResponseObject, ResponseUsage, Usage
+from gptserve.server.openai.serving_chat import chat_logprobs
+from gptserve.server.protocol.base import Usage
+from gptserve.server.responses.answers import ResponseObject, ResponseUsage
 from gptserve.server.sse import Event, StreamFormat
-from gptserve.server.serving_chat import chat_logprobs
 from gptserve.server.structured import ToolCallStream, ToolPlan, parse_tool_calls
 
 if TYPE_CHECKING:
