@@ -1,7 +1,9 @@
 """`build_app(engine, server_config)`: the FastAPI app around one engine.
 
-The lifespan starts and stops the engine; the API key is a dependency of the API
-router; bodies over `max_body_bytes` are refused with 413 before anyone parses them;
+The lifespan starts and stops the engine; the routers are each API family's (openai/,
+responses/, anthropic/), the shared ones (routes.py) and inspect's; the API key is a
+dependency of all but /health and /metrics; bodies over `max_body_bytes` are refused with
+413 before anyone parses them;
 CORS is off unless origins are configured. GET / is the playground page (static/).
 Every response carries the request's `x-request-id` (request_id.py); every GET route
 answers HEAD (head.py).
@@ -14,7 +16,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
-import platformdirs
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
@@ -24,20 +25,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gptserve.config import ServerConfig
 from gptserve.server import routes
+from gptserve.server.anthropic import routes as anthropic_routes
+from gptserve.server.anthropic.serving_messages import ServingMessages
 from gptserve.server.chat_template import ChatTemplate
 from gptserve.server.errors import (AuthenticationError, RequestTooLargeError, error_response, error_responses,
                                     install_error_handlers)
 from gptserve.server.head import HeadAsGet
 from gptserve.server.inspect import router as inspect_router
 from gptserve.server.metrics import ServerMetrics
+from gptserve.server.openai import routes as openai_routes
+from gptserve.server.openai.serving_chat import ServingChat
+from gptserve.server.openai.serving_completion import ServingCompletion
+from gptserve.server.openai.serving_embedding import ServingEmbedding
 from gptserve.server.request_id import RequestIdMiddleware
-from gptserve.server.response_store import ResponseStore
+from gptserve.server.responses import routes as responses_routes
+from gptserve.server.responses.serving_responses import ServingResponses
+from gptserve.server.responses.store import open_store
 from gptserve.server.serving import ServingContext
-from gptserve.server.serving_chat import ServingChat
-from gptserve.server.serving_completion import ServingCompletion
-from gptserve.server.serving_embedding import ServingEmbedding
-from gptserve.server.serving_messages import ServingMessages
-from gptserve.server.serving_responses import ServingResponses
 
 if TYPE_CHECKING:
     from gptserve.engine.client import EngineClient
@@ -104,19 +108,11 @@ class GptServeApp(FastAPI):
         return RequestIdMiddleware(super().build_middleware_stack())
 
 
-def response_store(config: ServerConfig) -> ResponseStore | None:
-    """The Responses API's store, unless the server stores nothing (--no-store)."""
-    if not config.store_responses:
-        return None
-    state_dir = Path(config.state_dir) if config.state_dir else platformdirs.user_state_path("gptserve")
-    return ResponseStore(state_dir, config.max_stored_responses)
-
-
 def build_app(engine: "EngineClient", server_config: ServerConfig | None = None) -> FastAPI:
     config = server_config or ServerConfig()
     eos = engine.tokenizer.token_str(engine.tokenizer.eos_token_id)
     ctx = ServingContext(engine, config, ServerMetrics(engine), ChatTemplate.load(config.chat_template, eos, eos))
-    store = response_store(config)
+    store = open_store(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -139,7 +135,8 @@ def build_app(engine: "EngineClient", server_config: ServerConfig | None = None)
     install_error_handlers(app)
     app.include_router(routes.public_router)
     keyed = [Depends(require_api_key)]
-    app.include_router(routes.api_router, dependencies=keyed, responses=error_responses(401))
+    for router in (openai_routes.router, responses_routes.router, anthropic_routes.router, routes.api_router):
+        app.include_router(router, dependencies=keyed, responses=error_responses(401))
     app.include_router(inspect_router, dependencies=keyed, responses=error_responses(401, 404, 429, 503))
     app.add_api_route("/", playground, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

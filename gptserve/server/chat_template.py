@@ -20,7 +20,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gptserve.server.errors import InvalidRequestError
-from gptserve.server.protocol import ChatMessage
+from gptserve.server.protocol.messages import ChatMessage
 
 DEFAULT_CHAT_TEMPLATE = (
     "{%- set labels = {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant',"

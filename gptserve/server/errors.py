@@ -19,8 +19,8 @@ from starlette.routing import Match
 from gptserve.engine.outputs import (EngineDeadError, GrammarError, InvalidPromptError, PromptTooLongError,
                                      RequestFailedError)
 from gptserve.engine.sampling_params import InvalidSamplingParams
-from gptserve.server.protocol import INVALID, UNSUPPORTED, ErrorResponse
-from gptserve.server.protocol.anthropic_answers import AnthropicErrorResponse
+from gptserve.server.anthropic.answers import AnthropicErrorResponse
+from gptserve.server.protocol.base import INVALID, UNSUPPORTED, ErrorResponse
 
 log = logging.getLogger(__name__)
 

@@ -12,32 +12,33 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator, Callable
 
+from gptserve.engine.client import EngineClient
 from gptserve.engine.outputs import FinishReason, Logprob, RequestOutput
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.server.errors import from_exception
-from gptserve.server.metrics import RequestTracker
-from gptserve.server.protocol import PromptTokensDetails, Usage
-
-if TYPE_CHECKING:
-    from gptserve.server.serving import ServingContext
+from gptserve.server.metrics import RequestTracker, ServerMetrics
+from gptserve.server.protocol.base import PromptTokensDetails, Usage
 
 Item = tuple[int, RequestOutput]  # (prompt index, output)
 _END = object()
 
 
 class Generation:
-    def __init__(self, ctx: "ServingContext", prompts: list[list[int]], params: list[SamplingParams],
-                 request_id: str, prompt_param: str, grammar_param: str):
-        """`params`: one per prompt (each with its own max_tokens). Takes no slots itself:
-        the caller has reserved one per prompt, and aclose gives them back. The params are
-        the request fields that carried the prompt and the grammar, for error messages."""
-        self.ctx, self.request_id = ctx, request_id
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, release_slots: Callable[[], None],
+                 prompts: list[list[int]], params: list[SamplingParams], request_id: str, prompt_param: str,
+                 grammar_param: str):
+        """`params`: one per prompt (each with its own max_tokens). Takes no queue slots
+        itself: the caller has reserved one per prompt, and aclose gives them back once,
+        through `release_slots`. `prompt_param` and `grammar_param` are the request fields
+        that carried the prompt and the grammar, for error messages."""
+        self.request_id = request_id
         self.prompt_param, self.grammar_param = prompt_param, grammar_param
         self.n = params[0].n
         self.num_prompts = len(prompts)
-        streams = [self._tracked(ctx.engine.generate(ids, p, self.engine_request_id(i)))
+        self._metrics, self._release_slots = metrics, release_slots
+        streams = [self._tracked(engine.generate(ids, p, self.engine_request_id(i)))
                    for i, (ids, p) in enumerate(zip(prompts, params))]
         self._outputs = self._one(streams[0]) if len(streams) == 1 else self._merged(streams)
         self._started: list[Item] = []
@@ -47,7 +48,7 @@ class Generation:
         return self.request_id if self.num_prompts == 1 else f"{self.request_id}-{prompt_index}"
 
     async def _tracked(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        tracker = RequestTracker(self.ctx.metrics)
+        tracker = RequestTracker(self._metrics)
         try:
             async for out in stream:
                 tracker.record(out)
@@ -117,7 +118,7 @@ class Generation:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self.ctx.release_slots(self.num_prompts)
+            self._release_slots()
             await self._outputs.aclose()  # type: ignore[attr-defined]
 
 

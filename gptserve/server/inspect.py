@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from pydantic import Field
 
 from gptserve.server.errors import InvalidRequestError
-from gptserve.server.protocol import OpenAIModel
+from gptserve.server.protocol.base import OpenAIModel
 from gptserve.server.serving import ServingContext
 
 MAX_INSPECT_TOKENS = 128  # a 128 x 128 heatmap still has a few pixels per cell
@@ -60,8 +60,7 @@ def prompt_ids(ctx: ServingContext, prompt: str) -> list[int]:
 @router.post("/v1/inspect")
 async def inspect_prompt(body: InspectRequest, request: Request) -> Response:
     ctx: ServingContext = request.app.state.serving
-    ctx.check_model(body.model)
-    ctx.check_ready()
+    ctx.admit(body.model)
     ids = prompt_ids(ctx, body.prompt)
     seen = await ctx.call_engine(request, lambda: ctx.engine.inspect(ids, body.top_k, ROUND_DECIMALS), "prompt")
     config = ctx.engine.model_config

@@ -1,25 +1,21 @@
-"""The HTTP routes, kept thin: each hands its validated body to the serving code.
-
-`api_router` carries the OpenAI API and the tokenizer endpoints (behind the API key
-when one is set); `public_router` carries /health and /metrics for probes and scrapers.
+"""The routes every API family shares, kept thin: /v1/models and the tokenizer endpoints
+(`api_router`, behind the API key when one is set), /health and /metrics for probes and
+scrapers (`public_router`); and how a generating route's answer is documented. Each API
+family's own routes are in its folder (openai/, responses/, anthropic/routes.py).
 """
 from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
 from gptserve.server.errors import InvalidRequestError, error_responses
 from gptserve.server.metrics import CONTENT_TYPE
-from gptserve.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                      CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
-                                      EmbeddingRequest, EmbeddingResponse, InputItemList, ResponseDeleted,
-                                      ResponseObject, ResponsesRequest,
-                                      ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfoResponse)
-from gptserve.server.protocol.anthropic import CountTokensRequest, MessagesRequest
-from gptserve.server.protocol.anthropic_answers import AnthropicErrorResponse, CountTokensResponse, MessagesResponse
+from gptserve.server.protocol.base import ModelCard, ModelList
+from gptserve.server.protocol.tokenize import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
+                                               TokenizeResponse, TokenizerInfoResponse)
 from gptserve.server.serving import ServingContext
 
 # what each route answers, for the OpenAPI document (401: app.py; 400 and 413: errors.py)
@@ -39,65 +35,6 @@ def generation_responses(answer: type[BaseModel], chunk: type[BaseModel]) -> dic
 
 def serving(request: Request) -> ServingContext:
     return request.app.state.serving
-
-
-@api_router.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    return await request.app.state.chat.create(body, request)
-
-
-@api_router.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionResponse))
-async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    return await request.app.state.completion.create(body, request)
-
-
-@api_router.post("/v1/embeddings", responses=error_responses(404, 429, 500, 503))
-async def create_embedding(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
-    return await request.app.state.embedding.create(body, request)
-
-
-@api_router.post("/v1/responses", responses=generation_responses(ResponseObject, ResponseObject))
-async def create_response(body: ResponsesRequest, request: Request) -> Response:
-    return await request.app.state.responses.create(body, request)
-
-
-@api_router.get("/v1/responses/{response_id}", responses=error_responses(404))
-async def retrieve_response(response_id: str, request: Request) -> ResponseObject:
-    return await request.app.state.responses.retrieve(response_id)
-
-
-@api_router.delete("/v1/responses/{response_id}", responses=error_responses(404))
-async def delete_response(response_id: str, request: Request) -> ResponseDeleted:
-    return await request.app.state.responses.delete(response_id)
-
-
-@api_router.get("/v1/responses/{response_id}/input_items", responses=error_responses(404))
-async def list_input_items(response_id: str, request: Request, after: str | None = None,
-                           limit: int = Query(20, ge=1, le=100),
-                           order: Literal["asc", "desc"] = "desc") -> InputItemList:
-    return await request.app.state.responses.input_items(response_id, after, limit, order)
-
-
-def messages_responses() -> dict:
-    """Anthropic's message as JSON, or with stream=true its named events; errors in Anthropic's shape."""
-    event = {"type": "object", "required": ["event", "data"], "properties": {
-        "event": {"type": "string", "description": "message_start, content_block_start, ping, content_block_delta, "
-                                                   "content_block_stop, message_delta, message_stop; error if the "
-                                                   "request fails mid-stream"},
-        "data": {"type": "string", "description": "the event as JSON"}}}
-    return {200: {"model": MessagesResponse, "description": "A message, or with stream=true a stream of events",
-                  "content": {"text/event-stream": {"itemSchema": event}}},
-            **error_responses(401, 404, 429, 500, 503, model=AnthropicErrorResponse)}
-
-
-@api_router.post("/v1/messages", responses=messages_responses())
-async def create_message(body: MessagesRequest, request: Request) -> Response:
-    return await request.app.state.messages.create(body, request)
-
-
-@api_router.post("/v1/messages/count_tokens", responses=error_responses(401, 404, model=AnthropicErrorResponse))
-async def count_message_tokens(body: CountTokensRequest, request: Request) -> CountTokensResponse:
-    return await request.app.state.messages.count_tokens(body)
 
 
 def _model_card(ctx: ServingContext) -> ModelCard:

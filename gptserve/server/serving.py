@@ -1,12 +1,12 @@
 """What every API request shares on its way to the engine and back.
 
-A request: check the model name and readiness, turn the body into prompt token ids and
-SamplingParams, check them against the server's own limits (ServerConfig), take one
-queue slot per prompt, then run one engine request per prompt as one `Generation`
-(generation.py), streamed as SSE or collected. Whether a prompt fits the context, and
-what max_tokens means when unset, is the engine's rule (engine/limits.py). Chat and
-completions differ only in how they read the body and word the answer
-(serving_chat.py, serving_completion.py).
+A request meets one admission first (`ServingContext.admit`): the model name, readiness,
+and the server's own limits (ServerConfig) on its sampling settings. Its serving class
+then turns the body into prompt token ids and SamplingParams; `open_generation` takes one
+queue slot per prompt and runs one engine request per prompt as one `Generation`
+(generation.py), streamed as SSE (sse.py) or collected (`respond`). Whether a prompt fits
+the context, and what max_tokens means when unset, is the engine's rule (engine/limits.py).
+The API families differ only in how they read the body and word the answer.
 """
 from __future__ import annotations
 
@@ -14,28 +14,25 @@ import asyncio
 import dataclasses
 import hashlib
 import importlib.metadata
-import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from sse_starlette.sse import SendTimeoutError
-from starlette.types import Receive, Scope, Send
 
 from gptserve.config import ServerConfig
 from gptserve.engine.client import EngineClient
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.server.chat_template import ChatTemplate
-from gptserve.server.errors import (APIError, ClientDisconnected, InvalidRequestError, ModelNotFoundError, NotReadyError,
-                                    QueueFullError, error_body, from_exception)
+from gptserve.server.errors import (ClientDisconnected, InvalidRequestError, ModelNotFoundError, NotReadyError,
+                                    QueueFullError, from_exception)
 from gptserve.server.generation import Generation
 from gptserve.server.metrics import ServerMetrics
-from gptserve.server.protocol import ChatMessage
+from gptserve.server.protocol.messages import ChatMessage
+from gptserve.server.sse import OPENAI_STREAM, Event, EventStream, StreamFormat, sse_frames
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +58,20 @@ def system_fingerprint(engine: EngineClient) -> str:
     return "fp_" + hashlib.sha256(backend.encode()).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class LimitedSettings:
+    """A generating request's settings that the server's own limits bound, each with the
+    request field that carried it (API families name them differently)."""
+
+    max_tokens: int | None
+    max_tokens_param: str = "max_tokens"
+    n: int | None = 1
+    logprobs: int | None = None  # alternatives per token, when logprobs are asked for
+    logprobs_param: str = "logprobs"
+    stop: Sequence[str] = ()
+    stop_param: str = "stop"
+
+
 class ServingContext:
     """The engine and the server's settings, limits and queue, shared by all routes."""
 
@@ -79,7 +90,15 @@ class ServingContext:
         self.draining = False
         self._engine_stopped: asyncio.Future | None = None
 
-    # --- checks, in the order a request meets them ---
+    # --- admission: the checks every request meets first, in this order ---
+
+    def admit(self, model: str | None, asked: LimitedSettings | None = None) -> None:
+        """The model name (404), the server ready and not draining (503), then the server's
+        own limits on what a generating request asks for (400)."""
+        self.check_model(model)
+        self.check_ready()
+        if asked is not None:
+            self.check_limits(asked)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
@@ -91,27 +110,27 @@ class ServingContext:
         if not self.engine.is_ready:
             raise NotReadyError("The engine is not ready to serve requests.")
 
-    def check_limits(self, *, max_tokens: int | None, max_tokens_param: str, n: int | None = 1,
-                     logprobs: int | None = None, logprobs_param: str = "logprobs",
-                     stop: list[str] | tuple[str, ...] = (), stop_param: str = "stop") -> None:
+    def check_limits(self, asked: LimitedSettings) -> None:
         """The server's own limits (ServerConfig) on a request's sampling settings, whatever
         API it came through; each message names the request's field and the flag that sets it."""
         cfg = self.config
-        if n is not None and n > cfg.max_n:
-            raise InvalidRequestError(f"n must be at most {cfg.max_n} on this server (--max-n), got {n}", param="n")
-        if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
-            raise InvalidRequestError(f"{max_tokens_param} must be at most {cfg.max_tokens_limit} on this server "
-                                      f"(--max-tokens-limit), got {max_tokens}", param=max_tokens_param)
-        if logprobs is not None and not 0 <= logprobs <= cfg.max_top_logprobs:
-            raise InvalidRequestError(f"{logprobs_param} must be in [0, {cfg.max_top_logprobs}] on this server "
-                                      f"(--max-top-logprobs), got {logprobs}", param=logprobs_param)
-        if len(stop) > cfg.max_stop_strings:
+        if asked.n is not None and asked.n > cfg.max_n:
+            raise InvalidRequestError(f"n must be at most {cfg.max_n} on this server (--max-n), got {asked.n}",
+                                      param="n")
+        if asked.max_tokens is not None and asked.max_tokens > cfg.max_tokens_limit:
+            raise InvalidRequestError(f"{asked.max_tokens_param} must be at most {cfg.max_tokens_limit} on this "
+                                      f"server (--max-tokens-limit), got {asked.max_tokens}",
+                                      param=asked.max_tokens_param)
+        if asked.logprobs is not None and not 0 <= asked.logprobs <= cfg.max_top_logprobs:
+            raise InvalidRequestError(f"{asked.logprobs_param} must be in [0, {cfg.max_top_logprobs}] on this "
+                                      f"server (--max-top-logprobs), got {asked.logprobs}", param=asked.logprobs_param)
+        if len(asked.stop) > cfg.max_stop_strings:
             raise InvalidRequestError(f"at most {cfg.max_stop_strings} stop strings are allowed on this server "
-                                      f"(--max-stop-strings), got {len(stop)}", param=stop_param)
-        longest = max(map(len, stop), default=0)
+                                      f"(--max-stop-strings), got {len(asked.stop)}", param=asked.stop_param)
+        longest = max(map(len, asked.stop), default=0)
         if longest > cfg.max_stop_length:
             raise InvalidRequestError(f"stop strings must be at most {cfg.max_stop_length} characters long on this "
-                                      f"server (--max-stop-length), got one of {longest}", param=stop_param)
+                                      f"server (--max-stop-length), got one of {longest}", param=asked.stop_param)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         bad = self.limits.out_of_vocab(ids)
@@ -174,7 +193,9 @@ class ServingContext:
         per_prompt = [self._capped(params, len(ids)) for ids in prompts]
         log.debug("%s: %d prompt(s) of %s tokens, n=%d, max_tokens=%s", request_id, len(prompts),
                   "/".join(str(len(p)) for p in prompts), params.n, [p.max_tokens for p in per_prompt])
-        return Generation(self, prompts, per_prompt, request_id, prompt_param, grammar_param)
+        num_slots = len(prompts)
+        return Generation(self.engine, self.metrics, lambda: self.release_slots(num_slots), prompts, per_prompt,
+                          request_id, prompt_param, grammar_param)
 
     def _capped(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
         if params.max_tokens is not None:
@@ -187,7 +208,7 @@ class ServingContext:
     async def respond(self, request: Request, generation: Generation, stream: bool,
                       events: Callable[[], AsyncIterator[Event]],
                       complete: Callable[[], Awaitable[BaseModel]],
-                      stream_format: "StreamFormat | None" = None) -> Response:
+                      stream_format: StreamFormat = OPENAI_STREAM) -> Response:
         """The whole answer as JSON (`complete`), or `events` as SSE framed as the API
         family frames them (`stream_format`; OpenAI's chat and completions by default:
         data lines ending with `data: [DONE]`). A stream starts once every prompt has its
@@ -204,7 +225,7 @@ class ServingContext:
         except BaseException:
             await generation.aclose()
             raise
-        return EventStream(sse_frames(events(), generation, stream_format or OPENAI_STREAM), generation,
+        return EventStream(sse_frames(events(), generation, stream_format), generation,
                            sep="\n", shutdown_grace_period=STREAM_SHUTDOWN_GRACE_S,
                            send_timeout=self.config.stream_send_timeout)
 
@@ -238,59 +259,3 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
-
-
-class EventStream(EventSourceResponse):
-    """An SSE answer that owns its generation: however the response ends (done, the client
-    gone before the first byte or mid-stream, a client that stopped reading and was cut
-    after `send_timeout`), the generation is closed, its requests aborted, its slots back."""
-
-    def __init__(self, content: AsyncIterator[str], generation: Generation, **kwargs):
-        super().__init__(content, **kwargs)
-        self.generation = generation
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            log.warning("request %s: the client stopped reading its stream for %.0f s; cut",
-                        self.generation.request_id, self.send_timeout)
-        finally:
-            await self.generation.aclose()
-
-
-Event = str | ServerSentEvent  # a data line, or an event with its name
-
-
-def openai_error_event(err: APIError) -> Event:
-    return json.dumps(error_body(err.message, err.type, err.param, err.code))
-
-
-@dataclass(frozen=True)
-class StreamFormat:
-    """How an API family ends its event stream and words an error that happens mid-stream."""
-
-    error_event: Callable[[APIError], Event] = openai_error_event
-    done: str | None = "[DONE]"  # the last data line, if the family sends one
-
-
-OPENAI_STREAM = StreamFormat()
-
-
-async def sse_frames(events: AsyncIterator[Event], generation: Generation,
-                     stream_format: StreamFormat) -> AsyncIterator[Event]:
-    """The SSE events: each event, an error event if the engine fails mid-stream, then the
-    family's last line. Closing it early (the client went away) aborts the generation."""
-    try:
-        try:
-            async for event in events:
-                yield event
-        except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
-            err = from_exception(e, generation.request_id, generation.prompt_param, generation.grammar_param)
-            log.warning("request %s failed mid-stream: %s", generation.request_id, err.message)
-            yield stream_format.error_event(err)
-        if stream_format.done is not None:
-            yield stream_format.done
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
-        await generation.aclose()

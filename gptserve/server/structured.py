@@ -16,7 +16,7 @@ Bad input (a schema that is not JSON Schema, one the grammar engine can't compil
 regex or Lark grammar that does not compile, a tool_choice naming an unknown tool) and
 input past the server's limits (structured_limits.py) is a 400 naming the parameter,
 before anything is generated. Checking and compiling a large grammar takes seconds, so
-`format_grammar`, `text_format_grammar` and `tool_plan` do it on the grammar threads
+`format_grammar`, `schema_grammar` and `tool_plan` do it on the grammar threads
 (grammar_threads.py), never on the event loop, and only when there is a grammar.
 """
 from __future__ import annotations
@@ -35,10 +35,8 @@ from gptserve.config import ServerConfig
 from gptserve.grammar_limits import PARSER_LIMITS, describe
 from gptserve.grammar_threads import run_deep
 from gptserve.server.errors import InvalidRequestError
-from gptserve.server.protocol import (FunctionCall, NamedToolChoice, ResponseFormat, StructuredOutputs, Tool,
-                                      ToolCall, ToolCallDelta)
-from gptserve.server.protocol.responses import TextFormat
-from gptserve.server.protocol.structured import FunctionCallDelta
+from gptserve.server.protocol.structured import (FunctionCall, FunctionCallDelta, NamedToolChoice, ResponseFormat,
+                                                 StructuredOutputs, Tool, ToolCall, ToolCallDelta)
 from gptserve.server.schema_rewrite import prepare_schema, rebase_refs
 from gptserve.server.structured_limits import (check_choices, check_lark, check_regex, check_schema_shape,
                                                check_tool_count, check_tools_size)
@@ -107,6 +105,12 @@ def _regex_literal(text: str) -> str:
     return REGEX_SPECIAL.sub(r"\\\1", text)
 
 
+async def schema_grammar(schema: Any, param: str, config: ServerConfig) -> str:
+    """The grammar of a JSON Schema (an object, or its JSON text) that the request's field
+    `param` gave; a 400 naming `param` when it is not one, or can't be compiled."""
+    return await _off_loop(_schema_grammar, schema, param, config)
+
+
 async def format_grammar(response_format: ResponseFormat | None, structured: StructuredOutputs | None,
                          config: ServerConfig) -> tuple[str | None, str]:
     """The grammar of `response_format` or `structured_outputs` (at most one may be given),
@@ -118,18 +122,9 @@ async def format_grammar(response_format: ResponseFormat | None, structured: Str
     if response_format is None or response_format.type == "text":
         return None, "response_format"
     if response_format.type == "json_object":
-        return await _off_loop(_schema_grammar, ANY_JSON_OBJECT, "response_format", config), "response_format"
-    return (await _off_loop(_schema_grammar, response_format.json_schema.schema_,
-                            "response_format.json_schema.schema", config), "response_format")
-
-
-async def text_format_grammar(text_format: TextFormat | None, config: ServerConfig) -> str | None:
-    """The grammar of the Responses API's `text.format`."""
-    if text_format is None or text_format.type == "text":
-        return None
-    if text_format.type == "json_object":
-        return await _off_loop(_schema_grammar, ANY_JSON_OBJECT, "text.format", config)
-    return await _off_loop(_schema_grammar, text_format.schema_, "text.format.schema", config)
+        return await schema_grammar(ANY_JSON_OBJECT, "response_format", config), "response_format"
+    return (await schema_grammar(response_format.json_schema.schema_, "response_format.json_schema.schema", config),
+            "response_format")
 
 
 def _structured_grammar(structured: StructuredOutputs, config: ServerConfig) -> str:

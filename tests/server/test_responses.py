@@ -9,8 +9,9 @@ import threading
 import openai
 import pytest
 
-from tests.server.conftest import start_server
+from tests.server.conftest import RunningServer, start_server
 from tests.server.test_errors import assert_error
+from tests.server.test_faults import FAULTY, arm_fault  # noqa: F401 - a fixture
 
 CITY_TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
              "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
@@ -145,6 +146,31 @@ def test_raw_sse_names_each_event_by_its_type_and_sends_no_done(server):
     data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
     assert names == [d["type"] for d in data] and len(names) == len(data) >= 8
     assert not any(line == "data: [DONE]" for line in lines)
+
+
+def stream_data(running: RunningServer, body: dict) -> list[dict]:
+    """POST a streamed response; the data of each event, in order."""
+    with running.http() as http, http.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        return [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_fault_mid_stream_is_an_error_event_in_sequence_then_response_failed(server, arm_fault):  # noqa: F811
+    arm_fault(after=3)
+    events = stream_data(server, {"input": FAULTY, "max_output_tokens": 16, "temperature": 0, "ignore_eos": True})
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert "injected fault" in events[-2]["message"] and events[-1]["response"]["status"] == "failed"
+
+
+def test_a_store_that_fails_at_the_end_is_an_error_event_in_sequence(server, monkeypatch):
+    async def put(response: dict, input_items: list) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(server.server.config.app.state.responses.store, "put", put)
+    events = stream_data(server, {"input": "hi", "max_output_tokens": 3})
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
 
 
 @pytest.mark.parametrize("body, status, param", [

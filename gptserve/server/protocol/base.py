@@ -1,11 +1,13 @@
 """What every API family's wire format shares: the base models, the error kinds that
-errors.py words, the sampling fields of chat and completions, usage, models, errors."""
+errors.py words, the fields a request refuses by name (`RequestBody.REFUSED`), the
+sampling fields of chat and completions, usage, models, errors."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from gptserve.engine.sampling_params import InvalidSamplingParams, SamplingParams
@@ -13,6 +15,7 @@ from gptserve.engine.sampling_params import InvalidSamplingParams, SamplingParam
 # pydantic error kinds that errors.py turns into 400s with our own message and param
 UNSUPPORTED = "unsupported_parameter"
 INVALID = "invalid_value"
+TEXT_ONLY = "this server serves a text-only model"
 
 
 def unsupported(what: str, why: str, param: str | None = None) -> PydanticCustomError:
@@ -34,7 +37,7 @@ def refuse_non_text(parts: list, what: str, hint: str) -> None:
         if kind is None:
             raise invalid(f"{what} {i} must be an object with a 'type'")
         if kind != "text":
-            raise unsupported(f"{what} type '{kind}'", f"this server serves a text-only model; {hint}")
+            raise unsupported(f"{what} type '{kind}'", f"{TEXT_ONLY}; {hint}")
 
 
 class OpenAIModel(BaseModel):
@@ -46,6 +49,37 @@ class OpenAIRequest(OpenAIModel):
     (a completions request with logprobs=false wants none, not zero alternatives)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def is_set(value: Any) -> bool:
+    return value is not None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A field an API declares that this server can't honour: a value that `asks` for the
+    feature is refused by name, "`what` is not supported by this server: `why`". `asks`
+    sees the value as sent, and asks only of values the field's type takes, so that any
+    other value is the type's error, not a refusal."""
+
+    what: str
+    why: str
+    asks: Callable[[Any], bool] = is_set
+
+
+class RequestBody(OpenAIRequest):
+    """A whole request body: the fields in its REFUSED table are refused when they ask for
+    what the server can't do; the error names the field."""
+
+    REFUSED: ClassVar[dict[str, Refused]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        refused = cls.REFUSED.get(info.field_name)
+        if refused is not None and refused.asks(value):
+            raise unsupported(refused.what, refused.why)
+        return value
 
 
 def documented(default: Any = None, **schema: Any) -> Any:
@@ -70,7 +104,7 @@ class StreamOptions(OpenAIRequest):
     include_usage: bool | None = False
 
 
-class SamplingRequest(OpenAIRequest):
+class SamplingRequest(RequestBody):
     """What chat and completions requests share: the model and the sampling settings."""
 
     model: str | None = None  # None: the served model

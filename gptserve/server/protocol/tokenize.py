@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from gptserve.server.protocol.base import OpenAIModel, OpenAIRequest, invalid
-from gptserve.server.protocol.chat import ChatMessage
+from gptserve.server.protocol.messages import ChatMessage
 
 
 class TokenizeRequest(OpenAIRequest):

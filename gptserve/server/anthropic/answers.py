@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from gptserve.server.protocol.anthropic import TextBlock, ToolUseBlock
+from gptserve.server.anthropic.protocol import TextBlock, ToolUseBlock
 from gptserve.server.protocol.base import OpenAIModel
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import platformdirs
+
+from gptserve.config import ServerConfig
+
 T = TypeVar("T")
 DB_NAME = "responses.sqlite3"
 SCHEMA = """
@@ -127,3 +131,11 @@ def _get(db: sqlite3.Connection, response_id: str) -> StoredResponse | None:
     if row is None:
         return None
     return StoredResponse(json.loads(row[0]), json.loads(row[1]), row[2])
+
+
+def open_store(config: ServerConfig) -> ResponseStore | None:
+    """The server's store, under --state-dir (or the user's state directory); None with --no-store."""
+    if not config.store_responses:
+        return None
+    state_dir = Path(config.state_dir) if config.state_dir else platformdirs.user_state_path("gptserve")
+    return ResponseStore(state_dir, config.max_stored_responses)

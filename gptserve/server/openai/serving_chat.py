@@ -1,23 +1,24 @@
 """POST /v1/chat/completions: messages through the chat template, answered as
 `chat.completion` or a stream of `chat.completion.chunk` events; tools and output formats
-become one grammar (structured.py), and tool calls are read back out of the answer."""
+become one grammar (structured.py), and tool calls are read back out of the answer. The
+turn itself is chat_turn.py's, shared with the Responses and Messages APIs."""
 from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator, Callable, TYPE_CHECKING
+from typing import AsyncIterator, TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from gptserve.engine.outputs import Logprob
-from gptserve.engine.sampling_params import SamplingParams
-from gptserve.server.errors import InvalidRequestError
-from gptserve.server.protocol import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
-                                      ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
-                                      ChatLogprobToken, ChatResponseMessage, DeltaMessage, TopLogprob, Usage)
+from gptserve.server.chat_turn import open_chat
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
-from gptserve.server.serving import ServingContext, clamp_logprob
+from gptserve.server.openai.protocol.chat import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
+                                                  ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+                                                  ChatLogprobToken, ChatResponseMessage, DeltaMessage)
+from gptserve.server.protocol.base import TopLogprob, Usage
+from gptserve.server.serving import LimitedSettings, ServingContext, clamp_logprob
 from gptserve.server.structured import ToolCallStream, ToolPlan, format_grammar, parse_tool_calls, tool_plan
 
 if TYPE_CHECKING:
@@ -36,45 +37,16 @@ def chat_logprobs(tokenizer: Tokenizer, logprobs: list[Logprob]) -> ChatLogprobs
     ])
 
 
-def chat_prompt(ctx: ServingContext, messages: list[ChatMessage], plan: ToolPlan | None,
-                add_generation_prompt: bool = True) -> list[int]:
-    """The prompt's token ids: the messages and the offered tools through the chat template."""
-    tools = [t.model_dump(exclude_none=True) for t in plan.tools] if plan is not None else None
-    return ctx.encode_chat(messages, add_generation_prompt, tools=tools)
-
-
-def open_chat(ctx: ServingContext, messages: list[ChatMessage], plan: ToolPlan | None, output_format: str | None,
-              format_param: str, sampling: Callable[[list[str], str | None], SamplingParams],
-              request_id: str, prompt_param: str = "messages", add_generation_prompt: bool = True) -> Generation:
-    """One chat turn, whatever API asked for it: the messages and the offered tools through
-    the chat template, constrained by the tools' grammar when the model may call them, else
-    by `output_format` (the grammar of the request's field `format_param`).
-    `sampling(extra_stop, grammar)` builds the request's SamplingParams; `prompt_param` is
-    the request field that carried the conversation, for errors about it. Without
-    `add_generation_prompt` the answer continues the last (assistant) message."""
-    may_call = plan is not None and plan.may_call
-    if may_call and output_format is not None:
-        raise InvalidRequestError(f"a JSON {format_param} can't be combined with tools the model may call; "
-                                  "set tool_choice to 'none' or drop one", param=format_param)
-    grammar, grammar_param = (plan.grammar, "tools") if may_call else (output_format, format_param)
-    prompt_ids = chat_prompt(ctx, messages, plan, add_generation_prompt)
-    # the template's implicit stops end free text; a grammar ends its own output
-    free_text = grammar is None or plan is not None and plan.choice == "auto"
-    params = sampling(ctx.chat_template.stop if free_text else [], grammar)
-    return ctx.open_generation([prompt_ids], params, request_id, prompt_param, grammar_param)
-
-
 class ServingChat:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
 
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
         max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        ctx.check_limits(n=req.n, max_tokens=req.max_new_tokens(), max_tokens_param=max_tokens_param,
-                         logprobs=req.num_logprobs(), logprobs_param="top_logprobs", stop=req.stop_strings)
+        ctx.admit(req.model, LimitedSettings(n=req.n, max_tokens=req.max_new_tokens(),
+                                             max_tokens_param=max_tokens_param, logprobs=req.num_logprobs(),
+                                             logprobs_param="top_logprobs", stop=req.stop_strings))
         legacy = req.functions is not None  # one function_call, never several
         plan = await tool_plan(req.tool_list, req.tool_choice_or_legacy, False if legacy else req.parallel_tool_calls,
                                ctx.config)

@@ -2,11 +2,11 @@
 
 A request's items (after those of the conversation it continues, `previous_response_id`,
 read from the store) become chat messages, `instructions` a system message first; the
-turn runs as a chat completion does (serving_chat.open_chat: the same template, tool
+turn runs as a chat completion does (chat_turn.open_chat: the same template, tool
 grammar and output formats). The answer's output is a `message` with one `output_text`,
 or one `function_call` item per call. A stream is OpenAI's semantic events, numbered by
-`sequence_number` (response_events.py). With `store` (the default) the response and its
-input items are kept in the ResponseStore; `--no-store` keeps nothing.
+`sequence_number` (events.py). With `store` (the default) the response and its input
+items are kept in the ResponseStore (store.py); `--no-store` keeps nothing.
 """
 from __future__ import annotations
 
@@ -16,17 +16,20 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from gptserve.config import ServerConfig
 from gptserve.engine.sampling_params import SamplingParams
+from gptserve.server.chat_turn import open_chat
 from gptserve.server.errors import InvalidRequestError, NotFoundError
 from gptserve.server.generation import Generation, collect, usage_of
-from gptserve.server.protocol import (ChatMessage, FunctionCallInMessage, FunctionDefinition, InputItemList,
-                                      NamedFunction, NamedToolChoice, ResponseDeleted, ResponseObject,
-                                      ResponsesRequest, Tool, ToolCallInMessage, content_text)
-from gptserve.server.response_events import RESPONSES_STREAM, OutputWriter, finished, new_id, output_items, response_events
-from gptserve.server.response_store import ConversationBrokenError, ResponseStore
-from gptserve.server.serving import ServingContext
-from gptserve.server.serving_chat import open_chat
-from gptserve.server.structured import ToolPlan, text_format_grammar, tool_plan
+from gptserve.server.protocol.messages import ChatMessage
+from gptserve.server.protocol.structured import (FunctionCallInMessage, NamedFunction, NamedToolChoice, Tool,
+                                                 ToolCallInMessage)
+from gptserve.server.responses.answers import InputItemList, ResponseDeleted, ResponseObject
+from gptserve.server.responses.events import OutputWriter, ResponseStream, finished, new_id, output_items
+from gptserve.server.responses.protocol import ResponsesRequest, TextFormat, content_text
+from gptserve.server.responses.store import ConversationBrokenError, ResponseStore
+from gptserve.server.serving import LimitedSettings, ServingContext
+from gptserve.server.structured import ANY_JSON_OBJECT, ToolPlan, schema_grammar, tool_plan
 
 ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
 
@@ -35,17 +38,24 @@ def response_not_found(response_id: str, param: str | None = None) -> NotFoundEr
     return NotFoundError(f"Response with id '{response_id}' not found.", param=param)
 
 
+async def text_format_grammar(text_format: TextFormat | None, config: ServerConfig) -> str | None:
+    """The grammar of the request's `text.format`."""
+    if text_format is None or text_format.type == "text":
+        return None
+    if text_format.type == "json_object":
+        return await schema_grammar(ANY_JSON_OBJECT, "text.format", config)
+    return await schema_grammar(text_format.schema_, "text.format.schema", config)
+
+
 class ServingResponses:
     def __init__(self, ctx: ServingContext, store: ResponseStore | None):
         self.ctx, self.store = ctx, store
 
     async def create(self, req: ResponsesRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
         logprobs = (req.top_logprobs or 0) if req.wants_logprobs else None
-        ctx.check_limits(max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
-                         logprobs=logprobs, logprobs_param="top_logprobs")
+        ctx.admit(req.model, LimitedSettings(max_tokens=req.max_output_tokens, max_tokens_param="max_output_tokens",
+                                             logprobs=logprobs, logprobs_param="top_logprobs"))
         items = stored_items(req.input)
         conversation = await self._conversation(req.previous_response_id) + items
         plan = await tool_plan(self._tools(req), self._tool_choice(req), req.parallel_tool_calls, ctx.config)
@@ -61,11 +71,10 @@ class ServingResponses:
         generation = open_chat(ctx, chat_messages(req.instructions, conversation), plan, text_format, "text.format",
                                sampling, response.id, prompt_param="input")
         writer = OutputWriter(ctx.tokenizer, plan, req.wants_logprobs)
-        return await ctx.respond(
-            request, generation, bool(req.stream),
-            lambda: response_events(response, generation, writer, lambda r: self._finish(r, items)),
-            lambda: self._complete(response, generation, plan, writer, items),
-            stream_format=RESPONSES_STREAM)
+        stream = ResponseStream(response, generation, writer, lambda r: self._finish(r, items))
+        return await ctx.respond(request, generation, bool(req.stream), stream.events,
+                                 lambda: self._complete(response, generation, plan, writer, items),
+                                 stream_format=stream.format)
 
     async def _conversation(self, previous_response_id: str | None) -> list[dict[str, Any]]:
         if previous_response_id is None:
@@ -87,8 +96,7 @@ class ServingResponses:
     def _tools(req: ResponsesRequest) -> list[Tool] | None:
         if req.tools is None:
             return None
-        return [Tool(type="function", function=FunctionDefinition(
-            name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)) for t in req.tools]
+        return [Tool(type="function", function=tool) for tool in req.tools]
 
     @staticmethod
     def _tool_choice(req: ResponsesRequest) -> str | NamedToolChoice | None:

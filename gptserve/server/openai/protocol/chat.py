@@ -5,62 +5,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from gptserve.server.protocol.base import (OpenAIModel, OpenAIRequest, SamplingRequest, TopLogprob, Usage,
-                                           documented, invalid, nullable, now, refuse_non_text, unsupported)
-from gptserve.server.protocol.structured import (FunctionCall, FunctionCallDelta, FunctionDefinition, NamedFunction, NamedToolChoice,
-                                                 ResponseFormat, StructuredOutputs, Tool, ToolCall,
-                                                 ToolCallDelta, ToolCallInMessage, ToolChoice, tool_names_unique)
-
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
-class ChatMessage(OpenAIRequest):
-    role: str = documented(..., enum=list(CHAT_ROLES))
-    content: str | list[dict[str, Any]] | None = documented(  # a string, or a list of text parts
-        anyOf=[{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
-            "type": "object", "required": ["type", "text"],
-            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}])
-    name: str | None = None
-    tool_calls: list[ToolCallInMessage] | None = None  # an assistant turn's calls
-    tool_call_id: str | None = None  # a tool turn: the call it answers
-
-    @field_validator("role")
-    @classmethod
-    def _known_role(cls, role: str) -> str:
-        if role not in CHAT_ROLES:
-            raise invalid(f"role must be one of {', '.join(CHAT_ROLES)}; got '{role}'")
-        return role
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, content: Any) -> Any:
-        if content is None or isinstance(content, str):
-            return content
-        if not isinstance(content, list):
-            raise invalid("content must be a string or a list of content parts")
-        refuse_non_text(content, "content part", "send {\"type\": \"text\", \"text\": ...}")
-        for i, part in enumerate(content):
-            if not isinstance(part.get("text"), str):
-                raise invalid(f"content part {i} of type 'text' needs a string 'text'")
-        return content
-
-    @model_validator(mode="after")
-    def _tool_fields_in_their_roles(self) -> "ChatMessage":
-        if self.tool_calls and self.role != "assistant":
-            raise invalid(f"only assistant messages carry tool_calls, not {self.role} messages")
-        if self.role == "tool" and not self.tool_call_id:
-            raise invalid("a tool message needs the tool_call_id of the call it answers")
-        return self
-
-    @property
-    def text(self) -> str:
-        """The content as one string; text parts joined by newlines."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part["text"] for part in self.content)
-
+from gptserve.server.protocol.base import (TEXT_ONLY, OpenAIModel, Refused, SamplingRequest, TopLogprob, Usage,
+                                           documented, invalid, nullable, now)
+from gptserve.server.protocol.messages import ChatMessage
+from gptserve.server.protocol.structured import (FunctionCall, FunctionCallDelta, FunctionDefinition, NamedFunction,
+                                                 NamedToolChoice, ResponseFormat, StructuredOutputs, Tool, ToolCall,
+                                                 ToolCallDelta, ToolChoice, tool_names_unique)
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})  # checked in _coherent
@@ -80,25 +30,17 @@ class ChatCompletionRequest(SamplingRequest):
     audio: Any = documented(type="null")
     modalities: Any = documented(**nullable({"const": ["text"]}))
     web_search_options: Any = documented(type="null")
+    REFUSED = {
+        "audio": Refused("'audio'", TEXT_ONLY),
+        "modalities": Refused("'modalities'", "only [\"text\"] is available",
+                              asks=lambda value: value is not None and value != ["text"]),
+        "web_search_options": Refused("'web_search_options'", TEXT_ONLY),
+    }
 
     @field_validator("tools")
     @classmethod
     def _unique_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
         return None if tools is None else tool_names_unique(tools)
-
-    @field_validator("audio", "web_search_options")
-    @classmethod
-    def _no_audio_or_search(cls, value: Any, info: Any) -> Any:
-        if value is not None:
-            raise unsupported(f"'{info.field_name}'", "this server serves a text-only model")
-        return value
-
-    @field_validator("modalities")
-    @classmethod
-    def _text_modality_only(cls, value: Any) -> Any:
-        if value is not None and value != ["text"]:
-            raise unsupported("'modalities'", "only [\"text\"] is available")
-        return value
 
     @model_validator(mode="after")
     def _coherent(self) -> "ChatCompletionRequest":

@@ -12,10 +12,11 @@ from fastapi.responses import Response
 from gptserve.engine.outputs import Logprob
 from gptserve.engine.sampling_params import InvalidSamplingParams
 from gptserve.server.errors import InvalidRequestError
-from gptserve.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      Usage)
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
-from gptserve.server.serving import ServingContext, clamp_logprob
+from gptserve.server.openai.protocol.completions import (CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                                         CompletionResponse)
+from gptserve.server.protocol.base import Usage
+from gptserve.server.serving import LimitedSettings, ServingContext, clamp_logprob
 from gptserve.server.structured import format_grammar
 
 if TYPE_CHECKING:
@@ -64,10 +65,8 @@ class ServingCompletion:
 
     async def create(self, req: CompletionRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
-        ctx.check_limits(n=req.n, max_tokens=req.max_new_tokens(), max_tokens_param="max_tokens",
-                         logprobs=req.num_logprobs(), logprobs_param="logprobs", stop=req.stop_strings)
+        ctx.admit(req.model, LimitedSettings(n=req.n, max_tokens=req.max_new_tokens(), logprobs=req.num_logprobs(),
+                                             stop=req.stop_strings))
         prompts, prompt_texts = self._prompts(req)
         grammar, grammar_param = await format_grammar(req.response_format, req.structured_outputs, ctx.config)
         try:

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gptserve.server.protocol.base import (OpenAIModel, SamplingRequest, Usage, documented, invalid, now,
+from gptserve.server.protocol.base import (OpenAIModel, Refused, SamplingRequest, Usage, documented, invalid, now,
                                            unsupported)
 from gptserve.server.protocol.structured import ResponseFormat, StructuredOutputs
 
@@ -21,6 +21,8 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = None  # only best_of == n
     response_format: ResponseFormat | None = None  # as chat's (vLLM takes it here too)
     structured_outputs: StructuredOutputs | None = None  # ours, as vLLM's
+    REFUSED = {"suffix": Refused("'suffix'", "insertion is not supported",
+                                 asks=lambda value: isinstance(value, str) and value != "")}
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -38,13 +40,6 @@ class CompletionRequest(SamplingRequest):
             return prompt
         raise invalid("prompt must be a string, a list of strings, a list of token ids "
                       "or a list of non-empty lists of token ids")
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, suffix: str | None) -> str | None:
-        if suffix:
-            raise unsupported("'suffix'", "insertion is not supported")
-        return suffix
 
     @model_validator(mode="after")
     def _nothing_to_generate_scores_the_prompt(self) -> "CompletionRequest":

@@ -1,5 +1,5 @@
-"""The Responses API on the wire (`POST /v1/responses` and its GET, DELETE and
-input_items), with OpenAI's field names.
+"""What a client sends to the Responses API (`POST /v1/responses`), with OpenAI's field
+names; what it answers is in answers.py.
 
 A request's `input` is a string or a list of items: messages (content a string or
 `input_text` / `output_text` parts), `function_call` items (an earlier answer's calls)
@@ -13,13 +13,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from gptserve.server.protocol.base import (INVALID, UNSUPPORTED, OpenAIModel, OpenAIRequest, documented, invalid,
-                                           unsupported)
-from gptserve.server.protocol.structured import NAME_PATTERN, check_tool_names_unique
+from gptserve.server.protocol.base import (INVALID, UNSUPPORTED, OpenAIRequest, Refused, RequestBody, documented,
+                                           invalid, unsupported)
+from gptserve.server.protocol.structured import NAME_PATTERN, FunctionDefinition, check_tool_names_unique
 
 INPUT_ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text")
 ITEM_TYPES = ("message", "function_call", "function_call_output")
+CONTINUE_BY_ID = "use previous_response_id to continue a conversation"
 
 
 def _part_texts(content: Any, where: str) -> Any:
@@ -101,12 +102,15 @@ def _item_error(error: ValidationError, index: int) -> PydanticCustomError:
     return invalid(f"Invalid value for '{param}': {first['msg']}", param)
 
 
-class FunctionTool(OpenAIRequest):
+class FunctionToolType(OpenAIRequest):
     type: Literal["function"]
-    name: str = Field(pattern=NAME_PATTERN)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON Schema; None: no arguments
-    strict: bool | None = None
+
+
+# A function tool as the Responses API writes it: its type, then the function's definition,
+# flat. (pydantic orders fields from the last base to the first: `type` comes first, as
+# the API writes it, and a wrong type is the error named before any other.)
+class FunctionTool(FunctionDefinition, FunctionToolType):
+    pass
 
 
 class FunctionToolChoice(OpenAIRequest):
@@ -133,7 +137,7 @@ class TextConfig(OpenAIRequest):
     verbosity: Any = None  # a hint for reasoning models; nothing to do here
 
 
-class ResponsesRequest(OpenAIRequest):
+class ResponsesRequest(RequestBody):
     model: str | None = None  # None: the served model
     input: str | list[InputItem]
     instructions: str | None = None
@@ -163,6 +167,16 @@ class ResponsesRequest(OpenAIRequest):
     reasoning: dict[str, Any] | None = None
     conversation: Any = documented(type="null")
     prompt: Any = documented(type="null")
+    REFUSED = {
+        "truncation": Refused("truncation 'auto'", "an input longer than the context is refused, not cut",
+                              asks=lambda value: value == "auto"),
+        "background": Refused("background mode", "responses are generated while the request waits",
+                              asks=lambda value: value is True),
+        "reasoning": Refused("'reasoning'", "a GPT-2 model does not reason before it answers",
+                             asks=lambda value: isinstance(value, dict) and any(v is not None for v in value.values())),
+        "conversation": Refused("'conversation'", CONTINUE_BY_ID),
+        "prompt": Refused("'prompt'", CONTINUE_BY_ID),
+    }
 
     @field_validator("input", mode="before")
     @classmethod
@@ -195,34 +209,6 @@ class ResponsesRequest(OpenAIRequest):
             check_tool_names_unique([t.name for t in tools])
         return tools
 
-    @field_validator("truncation", mode="before")
-    @classmethod
-    def _no_truncation(cls, value: Any) -> Any:
-        if value == "auto":
-            raise unsupported("truncation 'auto'", "an input longer than the context is refused, not cut")
-        return value
-
-    @field_validator("background")
-    @classmethod
-    def _no_background(cls, value: bool | None) -> bool | None:
-        if value:
-            raise unsupported("background mode", "responses are generated while the request waits")
-        return value
-
-    @field_validator("reasoning")
-    @classmethod
-    def _no_reasoning(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value and any(v is not None for v in value.values()):
-            raise unsupported("'reasoning'", "a GPT-2 model does not reason before it answers")
-        return value
-
-    @field_validator("conversation", "prompt")
-    @classmethod
-    def _not_served(cls, value: Any, info: Any) -> Any:
-        if value is not None:
-            raise unsupported(f"'{info.field_name}'", "use previous_response_id to continue a conversation")
-        return value
-
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, str] | None) -> dict[str, str] | None:
@@ -244,67 +230,3 @@ class ResponsesRequest(OpenAIRequest):
     @property
     def wants_logprobs(self) -> bool:
         return "message.output_text.logprobs" in (self.include or [])
-
-
-# --- answers ---------------------------------------------------------------------------
-
-
-class ResponseUsage(OpenAIModel):
-    input_tokens: int
-    input_tokens_details: dict[str, int]
-    output_tokens: int
-    output_tokens_details: dict[str, int]
-    total_tokens: int
-
-
-class ResponseObject(OpenAIModel):
-    """A response, as POST answers it, GET returns it and the stream's events carry it."""
-
-    id: str
-    object: Literal["response"] = "response"
-    created_at: int
-    status: Literal["completed", "failed", "in_progress", "incomplete"]
-    error: dict[str, Any] | None = None
-    incomplete_details: dict[str, str] | None = None
-    instructions: str | None = None
-    max_output_tokens: int | None = None
-    max_tool_calls: int | None = None
-    model: str
-    output: list[dict[str, Any]] = Field(default_factory=list)
-    parallel_tool_calls: bool = True
-    previous_response_id: str | None = None
-    reasoning: dict[str, Any] = Field(default_factory=lambda: {"effort": None, "summary": None})
-    store: bool = True
-    temperature: float | None = None
-    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
-    tool_choice: str | dict[str, Any] = "auto"
-    tools: list[dict[str, Any]] = Field(default_factory=list)
-    top_logprobs: int | None = None
-    top_p: float | None = None
-    truncation: str = "disabled"
-    usage: ResponseUsage | None = None
-    user: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-    background: bool = False
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-
-
-class ResponseDeleted(OpenAIModel):
-    id: str
-    object: Literal["response.deleted"] = "response.deleted"
-    deleted: bool = True
-
-
-class InputItemList(OpenAIModel):
-    object: Literal["list"] = "list"
-    data: list[dict[str, Any]]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-
-__all__ = ["ResponsesRequest", "MessageItem", "FunctionCallItem", "FunctionCallOutputItem", "InputItem",
-           "FunctionTool", "FunctionToolChoice", "TextFormat", "TextConfig", "ResponseUsage", "ResponseObject",
-           "ResponseDeleted", "InputItemList", "content_text", "INPUT_ROLES"]

@@ -35,5 +35,3 @@ class EmbeddingResponse(OpenAIModel):
     model: str
     usage: EmbeddingUsage
 
-
-__all__ = ["EmbeddingInput", "EmbeddingRequest", "Embedding", "EmbeddingUsage", "EmbeddingResponse"]

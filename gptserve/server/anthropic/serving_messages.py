@@ -2,10 +2,9 @@
 
 The conversation becomes our chat messages (system first; an assistant's tool_use blocks
 its tool_calls; a user's tool_result blocks "tool" messages), the tools and tool_choice a
-ToolPlan, and the turn runs as any chat turn does (serving_chat.open_chat): the same
+ToolPlan, and the turn runs as any chat turn does (chat_turn.open_chat): the same
 template, grammar and implicit stops, so a greedy answer equals /v1/chat/completions'.
-The answer goes back as a `message`, or as Anthropic's named stream events
-(protocol/anthropic_answers.py). Which stop ended it comes from the engine's stop_reason:
+The answer goes back as a `message`, or as Anthropic's named stream events (answers.py). Which stop ended it comes from the engine's stop_reason:
 only the request's own stop_sequences are "stop_sequence"; the template's implicit stop
 ("\\nUser:") ends the turn ("end_turn"). A conversation that ends with the assistant's
 text is a prefill: the prompt ends with it, and the answer continues it.
@@ -22,27 +21,29 @@ from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
 from gptserve.config import ServerConfig
+from gptserve.server.anthropic.answers import (AnthropicUsage, ContentBlock, ContentBlockDeltaEvent,
+                                               ContentBlockStartEvent, ContentBlockStopEvent, CountTokensResponse,
+                                               InputJsonDelta, MessageDelta, MessageDeltaEvent, MessagesResponse,
+                                               MessageStartEvent, MessageStopEvent, PingEvent, StopReason, TextDelta)
+from gptserve.server.anthropic.protocol import (ConversationRequest, CountTokensRequest, MessagesRequest, TextBlock,
+                                                ToolResultBlock, ToolUseBlock)
+from gptserve.server.chat_turn import chat_prompt, open_chat
 from gptserve.server.errors import APIError, anthropic_error_body
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
-from gptserve.server.protocol import (ChatMessage, FunctionCallInMessage, FunctionDefinition, NamedFunction,
-                                      NamedToolChoice, Tool, ToolCallDelta, ToolCallInMessage, Usage)
-from gptserve.server.protocol.anthropic import (ConversationRequest, CountTokensRequest, MessagesRequest, TextBlock,
-                                                ToolResultBlock, ToolUseBlock)
-from gptserve.server.protocol.anthropic_answers import (AnthropicUsage, ContentBlock, ContentBlockDeltaEvent,
-                                                        ContentBlockStartEvent, ContentBlockStopEvent,
-                                                        CountTokensResponse, InputJsonDelta, MessageDelta,
-                                                        MessageDeltaEvent, MessagesResponse, MessageStartEvent,
-                                                        MessageStopEvent, PingEvent, StopReason, TextDelta)
-from gptserve.server.serving import Event, ServingContext, StreamFormat
-from gptserve.server.serving_chat import chat_prompt, open_chat
+from gptserve.server.protocol.base import Usage
+from gptserve.server.protocol.messages import ChatMessage
+from gptserve.server.protocol.structured import (FunctionCallInMessage, FunctionDefinition, NamedFunction,
+                                                 NamedToolChoice, Tool, ToolCallDelta, ToolCallInMessage)
+from gptserve.server.serving import LimitedSettings, ServingContext
+from gptserve.server.sse import Event, StreamFormat
 from gptserve.server.structured import ToolCallStream, ToolPlan, parse_tool_calls, tool_plan
 
 
-def anthropic_error_event(err: APIError) -> Event:
-    return ServerSentEvent(event="error", data=json.dumps(anthropic_error_body(err)))
+def anthropic_error_events(err: APIError) -> list[Event]:
+    return [ServerSentEvent(event="error", data=json.dumps(anthropic_error_body(err)))]
 
 
-ANTHROPIC_STREAM = StreamFormat(error_event=anthropic_error_event, done=None)
+ANTHROPIC_STREAM = StreamFormat(error_events=anthropic_error_events, done=None)
 
 
 # --- the request, as a chat turn ----------------------------------------------------------
@@ -173,10 +174,8 @@ class ServingMessages:
 
     async def create(self, req: MessagesRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
-        ctx.check_limits(max_tokens=req.max_tokens, max_tokens_param="max_tokens", stop=req.stop_strings,
-                         stop_param="stop_sequences")
+        ctx.admit(req.model, LimitedSettings(max_tokens=req.max_tokens, stop=req.stop_strings,
+                                             stop_param="stop_sequences"))
         plan = await chat_tools(req, ctx.config)
         generation = open_chat(ctx, chat_messages(req), plan, None, "output_config", req.to_sampling_params,
                                f"msg_{uuid.uuid4().hex[:24]}", add_generation_prompt=not req.prefilled)

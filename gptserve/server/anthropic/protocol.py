@@ -5,8 +5,7 @@ A text-only GPT-2 reads text, tool_use and tool_result blocks; any other block t
 (image, document, thinking, ...) and the features behind them (`thinking`,
 `output_config.format`, server tools, MCP servers, containers) are refused by name rather
 than silently ignored; other unknown fields are ignored. What the API answers (a message,
-a token count, an error, the stream's events) is in anthropic_answers.py. Neither is
-re-exported by the package's `__init__` (the names would shadow OpenAI's).
+a token count, an error, the stream's events) is in answers.py.
 """
 from __future__ import annotations
 
@@ -15,11 +14,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from gptserve.engine.sampling_params import SamplingParams
-from gptserve.server.protocol.base import OpenAIRequest, invalid, refuse_non_text, unsupported
+from gptserve.server.protocol.base import (TEXT_ONLY, OpenAIRequest, Refused, RequestBody, invalid, refuse_non_text,
+                                           unsupported)
 from gptserve.server.protocol.structured import NAME_PATTERN, check_tool_names_unique
 
 # the block types each role may send
 BLOCK_TYPES = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
+NO_SERVER_TOOLS = "this server runs no tools of its own"
 
 
 # --- content blocks (in requests, and text and tool_use in answers) ----------------------------------------------
@@ -96,8 +97,8 @@ class AnthropicMessage(OpenAIRequest):
             if kind in ("text", "tool_use", "tool_result") and kind not in allowed:
                 raise invalid(f"a {role} message can't carry a {kind} block (content block {i})")
             if kind not in allowed:
-                raise unsupported(f"content block type '{kind}'", "this server serves a text-only model; send text, "
-                                                                  "tool_use and tool_result blocks")
+                raise unsupported(f"content block type '{kind}'", f"{TEXT_ONLY}; send text, tool_use and tool_result "
+                                                                  "blocks")
         return data
 
     @property
@@ -143,7 +144,7 @@ class AnthropicToolChoice(OpenAIRequest):
 
 # --- requests ---------------------------------------------------------------------------
 
-class ConversationRequest(OpenAIRequest):
+class ConversationRequest(RequestBody):
     """What creating a message and counting its tokens share: the prompt and the tools."""
 
     model: str
@@ -156,32 +157,19 @@ class ConversationRequest(OpenAIRequest):
     output_config: dict[str, Any] | None = None  # "effort" is ignored; "format" is refused
     mcp_servers: Any = None
     container: Any = None
+    REFUSED = {
+        "thinking": Refused("'thinking'", "GPT-2 has no extended thinking",
+                            asks=lambda value: isinstance(value, dict) and value.get("type") != "disabled"),
+        "output_config": Refused("'output_config.format'", "use tools with tool_choice 'tool' for JSON output",
+                                 asks=lambda value: isinstance(value, dict) and value.get("format") is not None),
+        "mcp_servers": Refused("'mcp_servers'", NO_SERVER_TOOLS),
+        "container": Refused("'container'", NO_SERVER_TOOLS),
+    }
 
     @field_validator("system", mode="before")
     @classmethod
     def _system_text_only(cls, system: Any) -> Any:
         return _text_blocks(system, "system")
-
-    @field_validator("thinking")
-    @classmethod
-    def _no_thinking(cls, thinking: dict[str, Any] | None) -> dict[str, Any] | None:
-        if thinking is not None and thinking.get("type") != "disabled":
-            raise unsupported("'thinking'", "GPT-2 has no extended thinking")
-        return thinking
-
-    @field_validator("output_config")
-    @classmethod
-    def _no_output_format(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
-        if config is not None and config.get("format") is not None:
-            raise unsupported("'output_config.format'", "use tools with tool_choice 'tool' for JSON output")
-        return config
-
-    @field_validator("mcp_servers", "container")
-    @classmethod
-    def _not_served(cls, value: Any, info: Any) -> Any:
-        if value is not None:
-            raise unsupported(f"'{info.field_name}'", "this server runs no tools of its own")
-        return value
 
     @model_validator(mode="after")
     def _coherent(self) -> "ConversationRequest":

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from gptserve.server.errors import InvalidRequestError, UnsupportedParameterError
-from gptserve.server.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from gptserve.server.openai.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from gptserve.server.serving import ServingContext
 
 MAX_INPUTS = 2048  # as OpenAI's
@@ -26,8 +26,7 @@ class ServingEmbedding:
 
     async def create(self, req: EmbeddingRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        ctx.check_ready()
+        ctx.admit(req.model)
         width = ctx.engine.model_config.n_embd
         if req.dimensions is not None and req.dimensions != width:
             raise UnsupportedParameterError(f"dimensions {req.dimensions} is not supported by this server: this "

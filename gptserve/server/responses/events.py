@@ -6,8 +6,9 @@ response.content_part.added, response.output_text.delta per piece of text,
 response.output_text.done, response.content_part.done, response.output_item.done; for
 each tool call, response.output_item.added, response.function_call_arguments.delta and
 .done, response.output_item.done; then response.completed (or response.incomplete when
-cut by max_output_tokens). An engine failure mid-stream is an `error` event and
-response.failed. Each event is an SSE event named by its type; there is no [DONE].
+cut by max_output_tokens). A failure mid-stream is an `error` event and response.failed,
+numbered in the same sequence. Each event is an SSE event named by its type; there is no
+[DONE].
 """
 from __future__ import annotations
 
@@ -19,24 +20,16 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TYPE_CHECKING
 from sse_starlette import ServerSentEvent
 
 from gptserve.engine.outputs import Logprob
-from gptserve.server.errors import APIError, from_exception
+from gptserve.server.errors import APIError
 from gptserve.server.generation import ChoiceResult, Generation, UsageCounter, finish_reason_of
-from gptserve.server.protocol import ResponseObject, ResponseUsage, Usage
-from gptserve.server.serving import StreamFormat
-from gptserve.server.serving_chat import chat_logprobs
+from gptserve.server.openai.serving_chat import chat_logprobs
+from gptserve.server.protocol.base import Usage
+from gptserve.server.responses.answers import ResponseObject, ResponseUsage
+from gptserve.server.sse import Event, StreamFormat
 from gptserve.server.structured import ToolCallStream, ToolPlan, parse_tool_calls
 
 if TYPE_CHECKING:
     from gptserve.model.tokenizer import Tokenizer
-
-
-def _error_event(err: APIError) -> ServerSentEvent:
-    """Only for a failure outside response_events' own handling."""
-    return ServerSentEvent(event="error", data=json.dumps(
-        {"type": "error", "code": err.code, "message": err.message, "param": err.param, "sequence_number": 0}))
-
-
-RESPONSES_STREAM = StreamFormat(error_event=_error_event, done=None)
 
 
 def new_id(prefix: str) -> str:
@@ -89,35 +82,50 @@ def output_items(choice: ChoiceResult, plan: ToolPlan | None, writer: OutputWrit
     return [writer.message(new_id("msg"), content or "", choice.logprobs, status)]
 
 
-async def response_events(response: ResponseObject, generation: Generation, writer: OutputWriter,
-                          finish: Callable[[ResponseObject], Awaitable[ResponseObject]]) -> AsyncIterator[ServerSentEvent]:
-    """The stream of one response; `finish` stores the finished response before the last event."""
-    numbers = itertools.count()
+class ResponseStream:
+    """The events of one streamed response, numbered by `sequence_number` in the order they
+    go out. A failure mid-stream is told by `failed` (sse_frames calls it, through `format`),
+    numbered in the same sequence: an `error` event, then response.failed."""
 
-    def event(kind: str, **fields: Any) -> ServerSentEvent:
-        return ServerSentEvent(event=kind, data=json.dumps({"type": kind, "sequence_number": next(numbers),
+    def __init__(self, response: ResponseObject, generation: Generation, writer: OutputWriter,
+                 finish: Callable[[ResponseObject], Awaitable[ResponseObject]]):
+        """`finish` stores the finished response before the last event."""
+        self.response, self.generation, self.writer, self.finish = response, generation, writer, finish
+        self._numbers = itertools.count()
+        self.format = StreamFormat(error_events=self.failed, done=None)
+
+    def _event(self, kind: str, **fields: Any) -> ServerSentEvent:
+        return ServerSentEvent(event=kind, data=json.dumps({"type": kind, "sequence_number": next(self._numbers),
                                                             **fields}))
 
-    def snapshot() -> dict[str, Any]:
-        return response.model_dump()
+    def failed(self, err: APIError) -> list[Event]:
+        response = self.response
+        error = self._event("error", code=err.code, message=err.message, param=err.param)
+        response.status, response.error = "failed", {"code": err.code or "server_error", "message": err.message}
+        return [error, self._event("response.failed", response=response.model_dump())]
 
-    yield event("response.created", response=snapshot())
-    yield event("response.in_progress", response=snapshot())
-    calls, usage = ToolCallStream(writer.plan), UsageCounter()
-    message: dict[str, Any] | None = None  # the message item being written, if any
-    text, logprobs, finish_reason = "", [], None
-    open_call: dict[str, Any] | None = None
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
+        response, writer, event = self.response, self.writer, self._event
 
-    def open_message() -> list[ServerSentEvent]:
-        nonlocal message
-        message = writer.message(new_id("msg"), None, None, "in_progress")
-        response.output.append(message)
-        where = {"item_id": message["id"], "output_index": len(response.output) - 1}
-        return [event("response.output_item.added", output_index=where["output_index"], item=message),
-                event("response.content_part.added", **where, content_index=0, part=writer.text_part(""))]
+        def snapshot() -> dict[str, Any]:
+            return response.model_dump()
 
-    try:
-        async for _, out in generation:
+        yield event("response.created", response=snapshot())
+        yield event("response.in_progress", response=snapshot())
+        calls, usage = ToolCallStream(writer.plan), UsageCounter()
+        message: dict[str, Any] | None = None  # the message item being written, if any
+        text, logprobs, finish_reason = "", [], None
+        open_call: dict[str, Any] | None = None
+
+        def open_message() -> list[ServerSentEvent]:
+            nonlocal message
+            message = writer.message(new_id("msg"), None, None, "in_progress")
+            response.output.append(message)
+            where = {"item_id": message["id"], "output_index": len(response.output) - 1}
+            return [event("response.output_item.added", output_index=where["output_index"], item=message),
+                    event("response.content_part.added", **where, content_index=0, part=writer.text_part(""))]
+
+        async for _, out in self.generation:
             usage.add(0, out)
             delta = out.choices[0]
             content, call_deltas = calls.push(delta.text)
@@ -145,23 +153,17 @@ async def response_events(response: ResponseObject, generation: Generation, writ
                 open_call.update(arguments=call.function.arguments, status="completed")
                 yield event("response.function_call_arguments.done", **where, arguments=open_call["arguments"])
                 yield event("response.output_item.done", output_index=where["output_index"], item=open_call)
-    except Exception as e:  # noqa: BLE001 - headers are sent: the failure is told in the stream
-        err = from_exception(e, generation.request_id, generation.prompt_param, generation.grammar_param)
-        yield event("error", code=err.code, message=err.message, param=err.param)
-        response.status, response.error = "failed", {"code": err.code or "server_error", "message": err.message}
-        yield event("response.failed", response=snapshot())
-        return
-    if message is None and not calls.num_calls:
-        for e in open_message():
-            yield e
-    if message is not None:
-        where = {"item_id": message["id"], "output_index": response.output.index(message)}
-        part = writer.text_part(text, logprobs)
-        message.update(content=[part], status="incomplete" if finish_reason == "length" else "completed")
-        yield event("response.output_text.done", **where, content_index=0, text=text, logprobs=part["logprobs"])
-        yield event("response.content_part.done", **where, content_index=0, part=part)
-        yield event("response.output_item.done", output_index=where["output_index"], item=message)
-    finished(response, finish_reason, usage.usage())
-    await finish(response)
-    yield event("response.incomplete" if response.status == "incomplete" else "response.completed",
-                response=snapshot())
+        if message is None and not calls.num_calls:
+            for e in open_message():
+                yield e
+        if message is not None:
+            where = {"item_id": message["id"], "output_index": response.output.index(message)}
+            part = writer.text_part(text, logprobs)
+            message.update(content=[part], status="incomplete" if finish_reason == "length" else "completed")
+            yield event("response.output_text.done", **where, content_index=0, text=text, logprobs=part["logprobs"])
+            yield event("response.content_part.done", **where, content_index=0, part=part)
+            yield event("response.output_item.done", output_index=where["output_index"], item=message)
+        finished(response, finish_reason, usage.usage())
+        await self.finish(response)
+        yield event("response.incomplete" if response.status == "incomplete" else "response.completed",
+                    response=snapshot())
