@@ -52,7 +52,7 @@ ENGINE_CATEGORIES = [
 ]
 LOOP_CATEGORIES = [
     ("idle", re.compile(r"select \(selectors\.py")),
-    ("chunk building, JSON", re.compile(r"\(.*gptserve/server/serving_(chat|completion)\.py")),
+    ("chunk building, JSON", re.compile(r"\(.*gptserve/server/openai/serving_(chat|completion)\.py")),
     ("SSE sending", re.compile(r"\(.*sse_starlette/")),
     ("request parsing, routing", re.compile(r"\(.*(fastapi|starlette|pydantic)/")),
     ("HTTP protocol", re.compile(r"\(.*(uvicorn|h11|httptools)/")),
