@@ -47,9 +47,11 @@ def engine_args(p: argparse.ArgumentParser) -> None:
 def serving_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     p.add_argument("--kv-cache-memory", type=_size, default=None,
-                   help="bytes for the paged KV cache, e.g. 2GiB (default: 2GiB on the CPU, "
-                        "--gpu-memory-utilization of free GPU memory)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+                   help="bytes for the paged KV cache, e.g. 2GiB (default: 2GiB on the CPU; on a GPU, what "
+                        "--gpu-memory-utilization of its memory leaves after a profiled warm-up step)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="share of the GPU's memory the engine may fill: weights, activations, KV cache "
+                        f"(default: {d.gpu_memory_utilization})")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
