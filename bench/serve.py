@@ -186,7 +186,18 @@ def read_event(endpoint: str, event: dict) -> StreamEvent:
 
 async def send_request(client: httpx.AsyncClient, url: str, args: argparse.Namespace,
                        spec: RequestSpec, t0: float) -> RequestResult:
-    """Stream one request; parse the SSE events ourselves."""
+    """Stream one request; parse the SSE events ourselves. A request whose reused keep-alive
+    connection the server had closed while idle (llama.cpp's server does; httpx then sees it
+    disconnect before any response) is sent once more on a new connection: nothing reached
+    the server, so nothing is counted twice."""
+    result = await _send_once(client, url, args, spec, t0)
+    if result.error.startswith("RemoteProtocolError") and result.ttft == 0.0:
+        result = await _send_once(client, url, args, spec, t0)
+    return result
+
+
+async def _send_once(client: httpx.AsyncClient, url: str, args: argparse.Namespace,
+                     spec: RequestSpec, t0: float) -> RequestResult:
     result = RequestResult(prompt_len=spec.prompt_len, expected_output_len=spec.output_len)
     chunks_with_text = 0
     start = time.perf_counter()

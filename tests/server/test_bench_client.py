@@ -27,3 +27,34 @@ def test_the_load_generator_streams_every_api(server, bench_serve, endpoint: str
     assert summary["completed"] == 3 and summary["failed"] == 0, summary["errors"]
     assert summary["usage_reported"] == 3 and summary["wrong_output_len"] == 0
     assert summary["total_output_tokens"] == 18 and summary["ttft_ms"]["p50"] > 0
+
+
+async def test_a_request_on_a_connection_the_server_closed_while_idle_is_sent_once_more(bench_serve):
+    """llama.cpp's server closes idle keep-alive connections: the next request on one sees
+    the server disconnect before any response, and goes again on a new connection."""
+    import argparse
+    import asyncio
+
+    import httpx
+
+    body = b'data: {"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}]}\n\ndata: [DONE]\n\n'
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if connections > 1:  # the first connection is closed with no answer
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    args = argparse.Namespace(model="m", temperature=0.0, endpoint="completions", no_ignore_eos=False,
+                              eos_logit_bias=False, extra_body={})
+    spec = bench_serve.RequestSpec("hello", None, 1)
+    async with server, httpx.AsyncClient(trust_env=False) as client:
+        result = await bench_serve.send_request(client, f"http://127.0.0.1:{port}/v1/completions", args, spec, 0.0)
+    assert connections == 2 and result.ok and result.error == "", result.error
