@@ -9,11 +9,11 @@ without a batch-size hint. All three agree to ~1e-6 (checked here).
 
     python bench/linear.py --shape gpt2 --json bench/results/linear.json
 
-`--compact`: instead, the few-rows kernel (gptserve/model/cpu_kernels.py) on the same 48
+`--panels`: instead, gptserve's panel kernel (gptserve/model/panel_linear.py) on the same 48
 layers and LM head, weights in float32, bfloat16, float16 and int8, against oneDNN on
-packed float32, at 1 to 4 rows.
+packed float32, at every row count given; and the read bandwidth that one row reaches.
 
-    python bench/linear.py --compact --json bench/results/linear_compact.json
+    python bench/linear.py --panels --rows 1,2,4,8,16,64,256 --json bench/results/linear_panels.json
 """
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,256,512,2048")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json")
-    ap.add_argument("--compact", action="store_true", help="the few-rows kernel per weight format")
+    ap.add_argument("--panels", action="store_true", help="the panel kernel per weight format")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.compact:
-        return compact(args)
+    if args.panels:
+        return panels(args)
     torch.manual_seed(0)
     c, n_layer, vocab = SHAPES[args.shape]
     shapes = [(3 * c, c), (c, c), (4 * c, c), (c, 4 * c)] * n_layer  # (out, in)
@@ -92,38 +92,37 @@ def main() -> None:
                        "results": results}, f, indent=2)
 
 
-def compact(args: argparse.Namespace) -> None:
-    """Every layer and the LM head, one pass, per weight format: milliseconds and GB/s read."""
-    from gptserve.model.compact_linear import CompactLinear
-    from gptserve.model.cpu_kernels import few_rows_linear
+def panels(args: argparse.Namespace) -> None:
+    """Every layer and the LM head, one pass, per weight format: milliseconds per pass."""
+    from gptserve.model.cpu_kernels import cpu_kernel_variant, panel_kernels
+    from gptserve.model.panel_linear import PanelLinear
 
-    kernel = few_rows_linear()
-    if kernel is None:
+    if panel_kernels() is None:
         raise SystemExit("the CPU kernels are unavailable (compiler, or GPTSERVE_NO_KERNELS)")
     torch.manual_seed(0)
     c, n_layer, vocab = SHAPES[args.shape]
     shapes = [(3 * c, c), (c, c), (4 * c, c), (c, 4 * c)] * n_layer + [(vocab, c)]
     weights = [torch.randn(o, i) * 0.02 for o, i in shapes]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
-    layers = {fmt: [CompactLinear(w, None, fmt) for w in weights] for fmt in ("bfloat16", "float16", "int8")}
+    formats = ("float32", "bfloat16", "float16", "int8")
+    layers = {fmt: [PanelLinear(w, None, fmt) for w in weights] for fmt in formats}
     results = []
-    print(f"{args.shape}, {args.threads} threads: ms per pass over {len(shapes)} layers (LM head included)")
-    print(f"{'rows':>5} {'oneDNN f32':>11} {'ours f32':>9} {'bf16':>7} {'f16':>7} {'int8':>7}")
-    for m in [r for r in (int(r) for r in args.rows.split(",")) if r <= 4]:
+    print(f"{args.shape}, {args.threads} threads, {cpu_kernel_variant()} kernels: "
+          f"ms per pass over {len(shapes)} layers (LM head included)")
+    print(f"{'rows':>5} {'oneDNN f32':>11} " + " ".join(f"{f:>9}" for f in formats) + f" {'f32 vs oneDNN':>14}")
+    for m in (int(r) for r in args.rows.split(",")):
         xs = [torch.randn(m, i) for _, i in shapes]
-        r = {"rows": m,
-             "onednn_float32_ms": timed(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-                                                 for x, p in zip(xs, packed)]),
-             "kernel_float32_ms": timed(lambda: [kernel(x, w, None, None) for x, w in zip(xs, weights)])}
+        r = {"rows": m, "onednn_float32_ms": timed(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+                                                            for x, p in zip(xs, packed)])}
         for fmt, mods in layers.items():
-            r[f"kernel_{fmt}_ms"] = timed(lambda: [kernel(x, l.weight, l.scale, None) for x, l in zip(xs, mods)])
+            r[f"panels_{fmt}_ms"] = timed(lambda: [layer(x) for x, layer in zip(xs, mods)])
         results.append(r)
-        print(f"{m:>5} {r['onednn_float32_ms']:>11.2f} {r['kernel_float32_ms']:>9.2f} {r['kernel_bfloat16_ms']:>7.2f} "
-              f"{r['kernel_float16_ms']:>7.2f} {r['kernel_int8_ms']:>7.2f}")
+        print(f"{m:>5} {r['onednn_float32_ms']:>11.2f} " + " ".join(f"{r[f'panels_{f}_ms']:>9.2f}" for f in formats)
+              + f" {r['onednn_float32_ms'] / r['panels_float32_ms']:>13.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "threads": args.threads, "torch": torch.__version__,
-                       "results": results}, f, indent=2)
+                       "kernels": cpu_kernel_variant(), "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -103,17 +103,13 @@ def read_bandwidth(nbytes: int = 1024 * 2**20, repeats: int = 5) -> float:
 
 def streamed_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights a decode step reads: every linear layer and the LM head, as held."""
-    from gptserve.model.compact_linear import CompactLinear
+    from gptserve.model.panel_linear import PanelLinear
 
     total = 0
-    # a compact layer's float32 copy serves only steps of more than a few rows
-    many_rows = {id(m.many_rows) for m in model.modules() if isinstance(m, CompactLinear)}
     for m in model.modules():
-        if isinstance(m, CompactLinear):
-            total += sum(t.numel() * t.element_size() for t in (m.weight, m.scale, m.bias) if t is not None)
-        elif id(m) in many_rows:
-            continue
-        elif hasattr(m, "in_features") and hasattr(m, "out_features"):  # nn.Linear or oneDNN-packed
+        if isinstance(m, PanelLinear):
+            total += m.weight_bytes()
+        elif isinstance(m, torch.nn.Linear):
             total += (m.in_features + 1) * m.out_features * 4
     return total
 

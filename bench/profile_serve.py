@@ -42,7 +42,7 @@ from compare import CACHE, ROOT, Peer, Server, free_port, make_checkpoint  # noq
 ENGINE_CATEGORIES = [
     ("idle", re.compile(r"^(Event|Condition)\.wait \(threading\.py")),
     ("LM head", re.compile(r"^GPT2\.logits \(.*gptserve/model/gpt2\.py")),
-    ("model forward", re.compile(r"\(.*gptserve/model/(gpt2|attention|cpu_kernels|packed_linear|compact_linear)\.py")),
+    ("model forward", re.compile(r"\(.*gptserve/model/(gpt2|attention|cpu_kernels|panel_linear)\.py")),
     ("sampler", re.compile(r"\(.*gptserve/engine/sampler\.py")),
     ("input tensors", re.compile(r"\(.*gptserve/engine/(model_runner|cuda_graphs)\.py")),
     ("scheduling, KV blocks", re.compile(r"\(.*gptserve/engine/(scheduler|block_manager)\.py")),

@@ -56,12 +56,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"12*d^2*L:         {estimate:,} ({estimate / 1e6:.1f}M; blocks only, without embeddings)")
     print(f"embeddings:       {(cfg.vocab_size + cfg.n_positions) * cfg.n_embd:,}")
     print(f"precision:        {precision}" + (" (auto)" if args.dtype == "auto" and not args.quantization else ""))
-    print(f"weights memory:   {n * size / 2**20:.1f} MiB in {str(dtype).removeprefix('torch.')}"
+    print(f"weights memory:   {held_bytes(cfg, precision) / 2**20:.1f} MiB as held"
           + ("" if precision.weights == str(dtype).removeprefix("torch.") else
-             f" as loaded; the linear layers and LM head then in {precision.weights}"))
+             f" (the linear layers and the tied embedding and LM head in {precision.weights}, once)"))
+    if resolve_device(args.device).type == "cpu":
+        from gptserve.model.cpu_kernels import cpu_kernel_variant
+
+        print(f"CPU kernels:      {cpu_kernel_variant()}")
     print(f"KV cache/token:   {kv_per_token / 1024:.1f} KiB; a full context: "
           f"{kv_per_token * cfg.n_positions / 2**20:.1f} MiB")
     return 0
+
+
+def held_bytes(cfg, precision) -> int:
+    """The model's weights as the engine holds them: the matrices (linear layers and the tied
+    embedding, one copy) in the weights' format (int8 with a float32 scale per output channel),
+    the rest (biases, layer norms, positions) in the compute dtype."""
+    import torch
+
+    matrices = cfg.n_layer * (4 * cfg.n_embd + 2 * cfg.mlp_dim) * cfg.n_embd + cfg.vocab_size * cfg.n_embd
+    channels = cfg.n_layer * (5 * cfg.n_embd + cfg.mlp_dim) + cfg.vocab_size
+    compute = torch.empty((), dtype=precision.compute).element_size()
+    if precision.weights == "int8":
+        return matrices + 4 * channels + (cfg.num_parameters() - matrices) * compute
+    weights = torch.empty((), dtype=getattr(torch, precision.weights)).element_size()
+    return matrices * weights + (cfg.num_parameters() - matrices) * compute
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

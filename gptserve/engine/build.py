@@ -3,8 +3,8 @@
 In order: the device (bound first, so this thread's CUDA work lands on it) and precision;
 the model and tokenizer, loaded; the KV pool, sized from what is left of the memory; the
 block manager, scheduler, sampler and model runner over it; the CPU kernels built (or
-their cached build loaded) now rather than mid-request, and the linear layers compacted
-to 16/8 bits or packed for oneDNN; the grammar compiler; and, when asked for, the
+their cached build loaded) now rather than mid-request, and the linear layers held once in
+their precision as the kernels' panels; the grammar compiler; and, when asked for, the
 speculator with its proposer (a draft model has a KV pool of its own).
 """
 from __future__ import annotations
@@ -26,10 +26,9 @@ from gptserve.engine.sampler import Sampler
 from gptserve.engine.scheduler import Scheduler
 from gptserve.engine.speculative import Speculator
 from gptserve.model.attention import KVPool
-from gptserve.model.compact_linear import WEIGHT_FORMATS, compact_for_cpu
-from gptserve.model.cpu_kernels import paged_decode
+from gptserve.model.cpu_kernels import cpu_kernel_variant, paged_decode
 from gptserve.model.gpt2 import GPT2
-from gptserve.model.packed_linear import pack_for_cpu
+from gptserve.model.panel_linear import panels_for_cpu
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.weights.loader import load_model, resolve_model_path
 
@@ -49,7 +48,7 @@ class EngineParts:
     runner: ModelRunner
     grammars: GrammarCompiler
     speculator: Speculator | None
-    packed: bool  # linear layers packed for oneDNN
+    panels: bool  # linear layers held in panels for the CPU kernels
 
 
 def build_parts(model: str | None, config: EngineConfig, loaded: tuple[GPT2, Tokenizer] | None = None
@@ -82,26 +81,22 @@ def build_parts(model: str | None, config: EngineConfig, loaded: tuple[GPT2, Tok
     graph_sizes = () if config.enforce_eager else tuple(
         b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs)
     runner = ModelRunner(gpt2, pool, Sampler(vocab_size, device, config.seed), max_model_len, graph_sizes)
-    packed = _prepare_weights(gpt2, device, precision)
+    panels = _prepare_weights(gpt2, device, precision)
     speculator = None
     if config.speculative is not None:
         proposer = build_proposer(config.speculative, mc, vocab_size, device, dtype, num_blocks,
                                   config.block_size, max_model_len)
         speculator = Speculator(config.speculative, proposer, limits, block_manager)
     log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
-             model or "default model", device, precision, ", oneDNN-packed linear layers" if packed else "",
+             model or "default model", device, precision, f", {cpu_kernel_variant()} panel kernels" if panels else "",
              num_blocks, config.block_size, num_blocks * per_block / 2**20, max_model_len)
     return EngineParts(device, precision, gpt2, tokenizer, pool, limits, block_manager, scheduler, runner,
-                       GrammarCompiler(tokenizer, vocab_size), speculator, packed)
+                       GrammarCompiler(tokenizer, vocab_size), speculator, panels)
 
 
 def _prepare_weights(model: GPT2, device: torch.device, precision: Precision) -> bool:
-    """Ready the CPU's fast paths; whether the linear layers were packed for oneDNN."""
+    """Ready the CPU's fast paths; whether the linear layers went into the kernels' panels."""
     if device.type != "cpu":
         return False
-    if precision.compute == torch.float32:
-        paged_decode()  # build (or load the cached build of) the CPU kernel now, not mid-request
-    if precision.weights in WEIGHT_FORMATS:
-        compact_for_cpu(model, precision.weights)  # 16- or 8-bit weights, float32 math
-        return False
-    return pack_for_cpu(model)  # oneDNN-packed linear layers (CPU float32)
+    paged_decode()  # build (or load the cached build of) the CPU kernels now, not mid-request
+    return panels_for_cpu(model, precision.weights)  # one copy of the weights, in their precision

@@ -31,7 +31,7 @@ class LLMEngine:
         self.device, self.precision, self.dtype = parts.device, parts.precision, parts.precision.compute
         self.model, self.tokenizer = parts.model, parts.tokenizer
         self.model_config: ModelConfig = parts.model.config
-        self.pool, self.limits, self.packed = parts.pool, parts.limits, parts.packed
+        self.pool, self.limits, self.panels = parts.pool, parts.limits, parts.panels
         self.block_manager, self.scheduler, self.runner = parts.block_manager, parts.scheduler, parts.runner
         self.grammars, self.speculator = parts.grammars, parts.speculator
         self.requests: dict[str, Request] = {}

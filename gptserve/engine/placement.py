@@ -10,7 +10,7 @@ import torch
 
 from gptserve.config import EngineConfig
 from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata, PrefillSpan
-from gptserve.model.cpu_kernels import few_rows_linear
+from gptserve.model.cpu_kernels import panel_kernels
 from gptserve.model.gpt2 import GPT2
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,9 @@ class Precision:
 
 def resolve_precision(dtype: str, quantization: str | None, device: torch.device) -> Precision:
     """On the CPU, 16-bit dtypes and int8 quantization change only how the linear layers
-    hold their weights (model/compact_linear.py): the math stays float32, which CPUs
+    hold their weights (model/panel_linear.py): the math stays float32, which CPUs
     without 16-bit dot products do fastest. `auto` on the CPU is bfloat16 weights where
-    the compiled few-rows kernel runs: measured faster than float32 at every concurrency
+    the compiled kernels run: measured faster than float32 at every concurrency
     (1.7-1.9x at one to four streams, 1.07-1.13x at 16 and 64; BENCHMARKS.md) and within
     the tested bfloat16 tolerance; float32 where the kernel can't be had. Elsewhere the
     whole model runs in the dtype, and quantization is not offered."""
@@ -94,7 +94,7 @@ def resolve_precision(dtype: str, quantization: str | None, device: torch.device
                                  f"drop --dtype {dtype}")
         return Precision(torch.float32, "int8")
     if dtype == "auto":  # the kernel is compiled (or its cached build loaded) on first use
-        return Precision(torch.float32, "bfloat16" if few_rows_linear() is not None else "float32")
+        return Precision(torch.float32, "bfloat16" if panel_kernels() is not None else "float32")
     return Precision(torch.float32, str(compute).removeprefix("torch."))
 
 

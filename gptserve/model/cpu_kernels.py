@@ -12,19 +12,20 @@ one element at a time (3.3 ms for 64 x 50,257 logits here, ~1.5% of that decode 
 where a max pass the compiler vectorises, then a search for its first index, takes a
 fraction of that. Same answer as torch.argmax, NaN rows included.
 
-A decode step at one to four running sequences multiplies that many rows by every weight
-of the model, so it is bound by reading the weights: `few_rows_linear` reads them in the
-format they are held in (float32, bfloat16, float16 or int8 with a scale per output
-channel), widens each to float32 in registers and does float32 math (AVX2 + FMA + F16C;
-a plain loop elsewhere). For GPT-2 small's 48 layers and LM head, one row: bfloat16
-weights are read 1.8x, int8 2.2x, faster than oneDNN reads float32 (bench/linear.py).
+Linear layers read their weights in the format they are held in (float32, bfloat16,
+float16 or int8 with a scale per output channel) from panels of 16 output channels
+(`panel_linear`; panel_linear.py says why), widen them to float32 and do float32 math with
+fused multiply-adds, in an order that does not depend on the number of rows. The tied
+embedding's lookup reads the LM head's panels (`panel_rows`). Vector code for AVX2 + FMA +
+F16C where the compiler targets it (the build is for the machine it runs on), a plain loop
+with the same operations in the same order elsewhere; `simd()` names which.
 
 The C++ is csrc/cpu_kernels.cpp beside this file (one translation unit, so torch's headers
 are compiled once), built with torch.utils.cpp_extension.load, so compiler errors name its
 lines (a failed build's warning quotes the first). A C++ compiler and ninja are needed. The build is cached per machine for the sources
 at one path: loading them from elsewhere (another checkout, an installed copy) rebuilds it.
 Where they can't be built, or GPTSERVE_NO_KERNELS=1 is set, `paged_decode()`, `row_argmax()`
-and `few_rows_linear()` are None and the PyTorch path is used. Attention and argmax are
+and `panel_kernels()` are None and the PyTorch path is used. Attention and argmax are
 float32 only. All release the GIL while they run, so other Python threads (the server's event
 loop) keep going meanwhile.
 """
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / "cpu_kernels.cpp"]
 # a new name for each change of the bindings or of how they are built, so that an old cached
 # build isn't loaded
-EXTENSION = "gptserve_cpu_kernels_v4"
+EXTENSION = "gptserve_cpu_kernels_v5"
 # torch's build lock; a build takes a minute at most, so an older lock was left by a build
 # that was killed, and would make every later start wait for it forever
 STALE_LOCK_S = 600
@@ -57,15 +58,23 @@ PagedDecode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
 RowArgmax = Callable[[torch.Tensor], torch.Tensor]
 
 
-FewRowsLinear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
-FEW_ROWS = 4  # few_rows_linear's most rows
+PANEL = 16  # output channels per panel of a linear layer's weight
+FEW_ROWS = 4  # up to this many rows a linear layer widens its weights in registers, past it in a buffer
 
 
-def few_rows_linear() -> FewRowsLinear | None:
-    """The compiled small-batch linear layer (x @ weight.T * scale + bias, 1 to FEW_ROWS rows of x,
-    weights float32, bfloat16, float16 or int8), or None where it can't be had."""
+def panel_kernels() -> ModuleType | None:
+    """The compiled module's linear-layer kernels (`panel_linear`, `panel_rows`, `simd`), or None
+    where they can't be had."""
+    return _module()
+
+
+def cpu_kernel_variant() -> str:
+    """Which vector code the linear-layer kernels run on this CPU ("avx2", "scalar"), or why
+    there are none."""
     module = _module()
-    return None if module is None else module.few_rows_linear
+    if module is None:
+        return "none (disabled by GPTSERVE_NO_KERNELS)" if not kernels_enabled() else "none (no build)"
+    return module.simd()
 
 
 def kernels_enabled() -> bool:
@@ -101,7 +110,7 @@ def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     return load(name=EXTENSION, sources=[str(p) for p in SOURCES],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], build_directory=str(_build_directory()), verbose=False)
 
 

@@ -80,8 +80,8 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        # None: the head is tied to wte. A device-specific copy of it may be set instead
-        # (gptserve.model.packed_linear for float32 on the CPU)
+        # None: the head is tied to wte. On the CPU the head is a PanelLinear of wte's weights
+        # and wte reads its rows from it (gptserve.model.panel_linear)
         self.lm_head: nn.Module | None = None
 
     def forward(
@@ -99,8 +99,8 @@ class GPT2(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self.wpe.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+        return self.wpe.weight.dtype

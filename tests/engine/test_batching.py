@@ -6,7 +6,7 @@ import torch
 
 from gptserve.engine.outputs import FinishReason, PromptTooLongError
 from gptserve.engine.sampling_params import SamplingParams
-from gptserve.model.compact_linear import CompactLinear
+from gptserve.model.panel_linear import PanelLinear
 from gptserve.weights.loader import load_model
 from tests.engine.conftest import assert_same_greedy, random_prompts, run_collect
 
@@ -42,10 +42,10 @@ def test_mixed_lengths_in_one_batch_match_running_alone(make_engine, kernel, mon
         assert_same_greedy(tokens, prompt, engine.model, logprobs)
 
 
-def test_the_engine_packs_its_cpu_model_and_still_matches_the_plain_model(make_engine, tiny_checkpoint):
+def test_the_engine_holds_its_cpu_model_in_panels_and_still_matches_the_plain_model(make_engine, tiny_checkpoint):
     engine = make_engine(dtype="float32")
-    assert engine.packed  # float32 on the CPU: oneDNN-packed linear layers
-    plain = load_model(tiny_checkpoint)  # a separate, unpacked copy as the reference
+    assert engine.panels  # float32 on the CPU: the kernels' panels
+    plain = load_model(tiny_checkpoint)  # a separate, plain copy as the reference
     prompts = random_prompts(6, 3, 80, seed=7)
     outs = run_collect(engine, prompts, SamplingParams(max_tokens=20, **GREEDY))
     for prompt, (tokens, logprobs) in zip(prompts, outs):
@@ -54,12 +54,12 @@ def test_the_engine_packs_its_cpu_model_and_still_matches_the_plain_model(make_e
 
 @pytest.mark.parametrize("dtype, quantization", [("bfloat16", None), ("float16", None), ("auto", "int8")])
 def test_compact_cpu_weights_in_a_batch_match_running_alone(make_engine, dtype, quantization):
-    """16- and 8-bit weights: decode batches of up to four rows take the compiled kernel, larger
-    ones and prefill the widened matmul; each request still gets its tokens alone."""
+    """16- and 8-bit weights: decode batches of up to four rows widen the weights in registers,
+    larger ones and prefill in a buffer; each request still gets its tokens alone."""
     engine = make_engine(dtype=dtype, quantization=quantization)
     fmt = quantization or dtype
     assert str(engine.precision) == f"{fmt} weights, float32 compute" and engine.pool.kv.dtype == torch.float32
-    assert isinstance(engine.model.lm_head, CompactLinear) and engine.model.lm_head.fmt == fmt
+    assert isinstance(engine.model.lm_head, PanelLinear) and engine.model.lm_head.fmt == fmt
     prompts = random_prompts(7, 3, 90, seed=5)
     arrivals: dict[int, list] = {}
     for i, p in enumerate(prompts):  # 1 to 7 running at once, through both paths

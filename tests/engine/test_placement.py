@@ -37,7 +37,7 @@ def test_on_the_cpu_16_bit_dtypes_and_int8_change_only_how_weights_are_held():
 def test_auto_on_the_cpu_is_bfloat16_weights_where_the_kernel_runs_else_float32(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("auto", None, cpu) == Precision(torch.float32, "bfloat16")
-    monkeypatch.setattr("gptserve.engine.placement.few_rows_linear", lambda: None)
+    monkeypatch.setattr("gptserve.engine.placement.panel_kernels", lambda: None)
     assert resolve_precision("auto", None, cpu) == Precision(torch.float32, "float32")
 
 

@@ -1,6 +1,6 @@
 """Every linear path takes any number of rows, none included: 0 rows give an empty
-(0, out_features) answer, and 1, 4 (the few-rows kernel's most), 5 and many rows give the
-float32 matmul of the weights the layer holds. A step with no row to sample projects zero
+(0, out_features) answer, and 1, 4 (the most the kernel widens in registers), 5 and many
+rows give the float32 matmul of the weights the layer holds. A step with no row to sample projects zero
 rows; a decode step one to four; a prefill many."""
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from gptserve.model.compact_linear import CompactLinear, compact_for_cpu
 from gptserve.model.cpu_kernels import FEW_ROWS
-from gptserve.model.packed_linear import PackedLinear, pack_for_cpu
+from gptserve.model.panel_linear import PanelLinear, panels_for_cpu
 from gptserve.weights.loader import load_model
 
 ROWS = [0, 1, FEW_ROWS, FEW_ROWS + 1, 200]
-IN, OUT = 72, 130  # not multiples of the kernel's 8 lanes: its tails run too
+IN, OUT = 72, 130  # not whole panels of 16 outputs: the last one is padded
 
 
 def float32_reference(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -44,36 +43,23 @@ def test_plain_torch_linear(rows):
 
 
 @pytest.mark.parametrize("rows", ROWS)
-def test_onednn_packed_linear(rows):
-    layer, x = layer_and_input(rows)
-    with torch.inference_mode():
-        assert_projects(PackedLinear(layer.weight, layer.bias)(x), float32_reference(layer.weight, layer.bias, x),
-                        rows)
-
-
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("path", ["kernel", "no-kernel", "no-kernel-no-onednn"])
-@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "int8"])
-def test_compact_linear(fmt, path, rows, monkeypatch):
+@pytest.mark.parametrize("path", ["kernel", "no-kernel"])
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "int8"])
+def test_panel_linear(fmt, path, rows, monkeypatch):
     if path != "kernel":
-        monkeypatch.setattr("gptserve.model.compact_linear.few_rows_linear", lambda: None)
-    if path == "no-kernel-no-onednn":
-        monkeypatch.setenv("GPTSERVE_NO_KERNELS", "1")
+        monkeypatch.setattr("gptserve.model.panel_linear.panel_kernels", lambda: None)
     layer, x = layer_and_input(rows)
-    compact = CompactLinear(layer.weight, layer.bias, fmt)
-    assert (compact._kernel is not None) == (path == "kernel")
-    assert (compact.many_rows is not None) == (path != "no-kernel-no-onednn")
+    panel = PanelLinear(layer.weight, layer.bias, fmt)
+    assert (panel._kernels is not None) == (path == "kernel")
     with torch.inference_mode():
-        assert_projects(compact(x), float32_reference(compact.widened_weight(), compact.bias, x), rows)
+        assert_projects(panel(x), float32_reference(panel.widened_weight(), panel.bias, x), rows)
 
 
-@pytest.mark.parametrize("precision", ["plain", "float32-packed", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("precision", ["plain", "float32", "bfloat16", "float16", "int8"])
 def test_the_lm_head_of_every_precision_projects_zero_rows_and_a_few(tiny_checkpoint, precision):
     model = load_model(tiny_checkpoint)
-    if precision == "float32-packed":
-        assert pack_for_cpu(model)
-    elif precision != "plain":
-        compact_for_cpu(model, precision)
+    if precision != "plain":
+        assert panels_for_cpu(model, precision)
     vocab, width = model.config.vocab_size, model.config.n_embd
     hidden = torch.randn(FEW_ROWS + 1, width, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 // q (B, H, D); k_cache, v_cache (N, bs, H, D); block_tables (B, M) int64; context_lens (B,) int64
@@ -95,15 +97,40 @@ torch::Tensor row_argmax(torch::Tensor logits) {
   return out;
 }
 
-// ---- linear layers on 1 to 4 rows, weights in 32, 16 or 8 bits --------------------------
-// A decode step at low concurrency multiplies a few rows by every weight: bound by reading
-// the weights, so weights held in fewer bytes are read faster. Each weight is widened to
-// float32 in registers (bfloat16: shifted; float16: F16C; int8: sign-extended, the output
-// channel's scale applied to the sum) and the math is float32.
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
+// ---- linear layers in panels, weights in 32, 16 or 8 bits ---------------------------------
+// A weight (N, K) is held as panels of 16 output channels, (P, K, 16) with P = ceil(N / 16)
+// (the last panel padded with zeros), in its own format: float32, bfloat16, float16 or int8
+// with one float32 scale per output channel. Each output is one lane of a vector that
+// accumulates w[k] * x[k] for k = 0, 1, ..., K - 1 in that order with fused multiply-adds,
+// then y = sum * scale + bias: the same operations in the same order whatever the number of
+// rows, whichever path below ran and whichever instruction set, so a row's result never
+// depends on the batch it came in (float32 rounding included).
+//   up to FEW rows: each weight is widened to float32 in registers as it is read; several
+//     panels at once keep enough independent sums in flight to hide the FMA latency. Bound
+//     by reading the weights, so weights held in fewer bytes are read faster.
+//   more rows: each thread widens one panel into a float32 buffer (L2-sized) and multiplies
+//     every row by it, six rows at a time: compute-bound, the widening paid once per panel.
+constexpr int64_t PANEL = 16;
+constexpr int64_t FEW = 4;
 struct BF16 { uint16_t bits; };
 struct F16 { uint16_t bits; };
+inline float widen(float w) { return w; }
+inline float widen(int8_t w) { return static_cast<float>(w); }
+inline float widen(BF16 w) { uint32_t u = uint32_t(w.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline float widen(F16 w) { return c10::detail::fp16_ieee_to_fp32_value(w.bits); }
+
+inline void finish(const float* sums, int64_t o0, int64_t n, const float* scale, const float* bias, float* y) {
+  for (int64_t j = 0; j < n; ++j) {
+    float v = sums[j];
+    if (scale) v = v * scale[o0 + j];
+    if (bias) v = v + bias[o0 + j];
+    y[o0 + j] = v;
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define GPTSERVE_SIMD "avx2"
 inline __m256 widen8(const float* w) { return _mm256_loadu_ps(w); }
 inline __m256 widen8(const BF16* w) {
   const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
@@ -113,93 +140,212 @@ inline __m256 widen8(const F16* w) { return _mm256_cvtph_ps(_mm_loadu_si128(rein
 inline __m256 widen8(const int8_t* w) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
 }
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+
+// R rows by G panels, widened in registers: sums (R, G * 16)
+template <typename T, int R, int G>
+inline void direct_block(const float* x, int64_t K, const T* w, float* sums) {
+  __m256 acc[R][G][2];
+  for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) acc[r][g][0] = acc[r][g][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * K + k);
+    for (int g = 0; g < G; ++g) {
+      const T* p = w + g * K * PANEL + k * PANEL;
+      const __m256 lo = widen8(p), hi = widen8(p + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[r][g][0] = _mm256_fmadd_ps(lo, xb[r], acc[r][g][0]);
+        acc[r][g][1] = _mm256_fmadd_ps(hi, xb[r], acc[r][g][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) {
+    _mm256_storeu_ps(sums + r * G * PANEL + g * PANEL, acc[r][g][0]);
+    _mm256_storeu_ps(sums + r * G * PANEL + g * PANEL + 8, acc[r][g][1]);
+  }
 }
-#define GPTSERVE_SIMD 1
+
+// R rows by one panel already widened to float32 (K, 16): sums (R, 16)
+template <int R>
+inline void buffered_block(const float* x, int64_t K, const float* w, float* sums) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 lo = _mm256_loadu_ps(w + k * PANEL), hi = _mm256_loadu_ps(w + k * PANEL + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      acc[r][0] = _mm256_fmadd_ps(lo, xb, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(hi, xb, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(sums + r * PANEL, acc[r][0]);
+    _mm256_storeu_ps(sums + r * PANEL + 8, acc[r][1]);
+  }
+}
 #else
-struct BF16 { uint16_t bits; };
-struct F16 { uint16_t bits; };
-#define GPTSERVE_SIMD 0
+#define GPTSERVE_SIMD "scalar"
+template <typename T, int R, int G>
+inline void direct_block(const float* x, int64_t K, const T* w, float* sums) {
+  for (int r = 0; r < R; ++r) for (int64_t j = 0; j < G * PANEL; ++j) sums[r * G * PANEL + j] = 0.f;
+  for (int64_t k = 0; k < K; ++k)
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = 0; j < PANEL; ++j) {
+        const float wv = widen(w[g * K * PANEL + k * PANEL + j]);
+        for (int r = 0; r < R; ++r) sums[r * G * PANEL + g * PANEL + j] = std::fma(wv, x[r * K + k], sums[r * G * PANEL + g * PANEL + j]);
+      }
+}
+template <int R>
+inline void buffered_block(const float* x, int64_t K, const float* w, float* sums) {
+  direct_block<float, R, 1>(x, K, w, sums);
+}
 #endif
-inline float widen(float w) { return w; }
-inline float widen(int8_t w) { return static_cast<float>(w); }
-inline float widen(BF16 w) { uint32_t u = uint32_t(w.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline float widen(F16 w) { return c10::detail::fp16_ieee_to_fp32_value(w.bits); }
 
 template <typename T, int R>
-void rows_linear(const float* x, const T* w, const float* scale, const float* bias, float* y, int64_t N, int64_t K) {
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const T* wr = w + o * K;
-      float sums[R];
-      int64_t i = 0;
-#if GPTSERVE_SIMD
-      constexpr int U = R >= 4 ? 1 : 4 / R;  // independent sums per row, to hide the FMA latency
-      __m256 acc[R][U];
-      for (int r = 0; r < R; ++r) for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
-      for (; i + 8 * U <= K; i += 8 * U) {
-        for (int u = 0; u < U; ++u) {
-          const __m256 wv = widen8(wr + i + 8 * u);
-          for (int r = 0; r < R; ++r)
-            acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + i + 8 * u), acc[r][u]);
+void few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* scale, const float* bias,
+              float* y, int64_t N) {
+  constexpr int G = R == 1 ? 4 : R == 2 ? 3 : 2;  // panels at once: 8 to 16 sums in flight
+  const int64_t groups = (P + G - 1) / G;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    float sums[R * 4 * PANEL];
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const int64_t p0 = gi * G, here = std::min<int64_t>(G, P - p0);
+      const T* wp = w + p0 * K * PANEL;
+      switch (here) {  // the last group may hold fewer panels
+        case 4: direct_block<T, R, 4>(x, K, wp, sums); break;
+        case 3: direct_block<T, R, 3>(x, K, wp, sums); break;
+        case 2: direct_block<T, R, 2>(x, K, wp, sums); break;
+        default: direct_block<T, R, 1>(x, K, wp, sums); break;
+      }
+      for (int r = 0; r < R; ++r)
+        for (int64_t q = 0; q < here; ++q) {
+          const int64_t o0 = (p0 + q) * PANEL;
+          if (o0 < N) finish(sums + r * here * PANEL + q * PANEL, o0, std::min<int64_t>(PANEL, N - o0), scale, bias, y + r * N);
         }
+    }
+  });
+}
+
+template <int R>
+inline void buffered_rows(const float* x, int64_t K, const float* w, float* sums) { buffered_block<R>(x, K, w, sums); }
+
+template <typename T>
+void many_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* scale,
+               const float* bias, float* y, int64_t N) {
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(std::is_same<T, float>::value ? 0 : K * PANEL);
+    float sums[6 * PANEL];
+    for (int64_t p = begin; p < end; ++p) {
+      const T* wp = w + p * K * PANEL;
+      const float* panel;
+      if constexpr (std::is_same<T, float>::value) {
+        panel = wp;
+      } else {
+        for (int64_t i = 0; i < K * PANEL; ++i) buffer[i] = widen(wp[i]);
+        panel = buffer.data();
       }
-      for (int r = 0; r < R; ++r) {
-        for (int u = 1; u < U; ++u) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][u]);
-        sums[r] = hsum(acc[r][0]);
+      const int64_t o0 = p * PANEL, width = std::min<int64_t>(PANEL, N - o0);
+      for (int64_t r0 = 0; r0 < M; r0 += 6) {
+        const int64_t rows = std::min<int64_t>(6, M - r0);
+        const float* xr = x + r0 * K;
+        switch (rows) {
+          case 6: buffered_rows<6>(xr, K, panel, sums); break;
+          case 5: buffered_rows<5>(xr, K, panel, sums); break;
+          case 4: buffered_rows<4>(xr, K, panel, sums); break;
+          case 3: buffered_rows<3>(xr, K, panel, sums); break;
+          case 2: buffered_rows<2>(xr, K, panel, sums); break;
+          default: buffered_rows<1>(xr, K, panel, sums); break;
+        }
+        for (int64_t r = 0; r < rows; ++r) finish(sums + r * PANEL, o0, width, scale, bias, y + (r0 + r) * N);
       }
-#else
-      for (int r = 0; r < R; ++r) sums[r] = 0.f;
-#endif
-      for (; i < K; ++i) {
-        const float wv = widen(wr[i]);
-        for (int r = 0; r < R; ++r) sums[r] += wv * x[r * K + i];
-      }
-      const float s = scale ? scale[o] : 1.f, b = bias ? bias[o] : 0.f;
-      for (int r = 0; r < R; ++r) y[r * N + o] = sums[r] * s + b;
     }
   });
 }
 
 template <typename T>
-void rows_linear_n(int64_t R, const float* x, const T* w, const float* s, const float* b, float* y,
-                   int64_t N, int64_t K) {
-  switch (R) {
-    case 1: return rows_linear<T, 1>(x, w, s, b, y, N, K);
-    case 2: return rows_linear<T, 2>(x, w, s, b, y, N, K);
-    case 3: return rows_linear<T, 3>(x, w, s, b, y, N, K);
-    case 4: return rows_linear<T, 4>(x, w, s, b, y, N, K);
+void panel_linear_t(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* s,
+                    const float* b, float* y, int64_t N) {
+  switch (M) {
+    case 1: return few_rows<T, 1>(x, K, w, P, s, b, y, N);
+    case 2: return few_rows<T, 2>(x, K, w, P, s, b, y, N);
+    case 3: return few_rows<T, 3>(x, K, w, P, s, b, y, N);
+    case 4: return few_rows<T, 4>(x, K, w, P, s, b, y, N);
+    default: return many_rows<T>(x, M, K, w, P, s, b, y, N);
   }
-  TORCH_CHECK(false, "few_rows_linear takes 1 to 4 rows");
 }
 
-// x (R, K) float32, R <= 4; weight (N, K) float32, bfloat16, float16 or int8; scale (N,) float32 for int8;
-// bias (N,) float32 -> (R, N) float32
-torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> scale,
-                              c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: (R, K) float32");
-  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x.size(1), "weight: (N, K) contiguous");
-  TORCH_CHECK((weight.dtype() == torch::kInt8) == scale.has_value(), "int8 weights, and only they, take a scale");
+#define GPTSERVE_BY_FORMAT(dtype, F, ...)                                                          \
+  switch (dtype) {                                                                               \
+    case torch::kFloat32: { using T = float; F(__VA_ARGS__); break; }                            \
+    case torch::kBFloat16: { using T = BF16; F(__VA_ARGS__); break; }                            \
+    case torch::kFloat16: { using T = F16; F(__VA_ARGS__); break; }                              \
+    case torch::kInt8: { using T = int8_t; F(__VA_ARGS__); break; }                              \
+    default: TORCH_CHECK(false, "weights: float32, bfloat16, float16 or int8");                   \
+  }
+
+void check_panels(const torch::Tensor& panels, const c10::optional<torch::Tensor>& scale, int64_t N) {
+  TORCH_CHECK(panels.is_contiguous() && panels.dim() == 3 && panels.size(2) == PANEL, "panels: (P, K, 16) contiguous");
+  TORCH_CHECK(N > 0 && (N + PANEL - 1) / PANEL == panels.size(0), "out_features must fill the panels");
+  TORCH_CHECK((panels.dtype() == torch::kInt8) == scale.has_value(), "int8 weights, and only they, take a scale");
+  if (scale.has_value())
+    TORCH_CHECK(scale->is_contiguous() && scale->dtype() == torch::kFloat32 && scale->numel() >= N, "scale: (N,) float32");
+}
+
+// x (M, K) float32; panels (P, K, 16); scale (>= N,) float32 for int8 weights; bias (N,) float32 -> (M, N) float32
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> scale,
+                           c10::optional<torch::Tensor> bias, int64_t N) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == panels.size(1), "x: (M, K) float32");
+  check_panels(panels, scale, N);
+  if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "bias: (N,) float32");
   x = x.contiguous();
-  const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
-  auto y = torch::empty({R, N}, x.options());
-  const float* s = scale.has_value() ? scale->contiguous().data_ptr<float>() : nullptr;
-  const float* b = bias.has_value() ? bias->contiguous().data_ptr<float>() : nullptr;
+  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const float* s = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const void* wp = weight.data_ptr();
-  switch (weight.scalar_type()) {
-    case torch::kFloat32: rows_linear_n(R, xp, static_cast<const float*>(wp), s, b, yp, N, K); break;
-    case torch::kBFloat16: rows_linear_n(R, xp, static_cast<const BF16*>(wp), s, b, yp, N, K); break;
-    case torch::kFloat16: rows_linear_n(R, xp, static_cast<const F16*>(wp), s, b, yp, N, K); break;
-    case torch::kInt8: rows_linear_n(R, xp, static_cast<const int8_t*>(wp), s, b, yp, N, K); break;
-    default: TORCH_CHECK(false, "weight: float32, bfloat16, float16 or int8");
-  }
+  const void* wp = panels.data_ptr();
+#define GPTSERVE_CALL(...) panel_linear_t<T>(xp, M, K, static_cast<const T*>(wp), P, s, b, yp, N)
+  GPTSERVE_BY_FORMAT(panels.scalar_type(), GPTSERVE_CALL)
+#undef GPTSERVE_CALL
   return y;
 }
+
+template <typename T>
+void gather_rows(const T* w, int64_t K, const int64_t* ids, int64_t n, const float* scale, float* out) {
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t id = ids[i];
+      const T* col = w + (id / PANEL) * K * PANEL + id % PANEL;
+      const float s = scale ? scale[id] : 1.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = widen(col[k * PANEL]);
+        out[i * K + k] = scale ? v * s : v;
+      }
+    }
+  });
+}
+
+// The weight's rows (output channels) `ids` in float32, scaled: (n,) int64 -> (n, K). A tied
+// embedding's lookup, read from the LM head's panels.
+torch::Tensor panel_rows(torch::Tensor panels, c10::optional<torch::Tensor> scale, torch::Tensor ids, int64_t N) {
+  check_panels(panels, scale, N);
+  TORCH_CHECK(ids.dtype() == torch::kLong, "ids: int64");
+  ids = ids.contiguous();
+  const int64_t n = ids.numel(), K = panels.size(1);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "id ", ip[i], " out of range [0, ", N, ")");
+  auto out = torch::empty({n, K}, torch::kFloat32);
+  const float* s = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const void* wp = panels.data_ptr();
+#define GPTSERVE_CALL(...) gather_rows<T>(static_cast<const T*>(wp), K, ip, n, s, op)
+  GPTSERVE_BY_FORMAT(panels.scalar_type(), GPTSERVE_CALL)
+#undef GPTSERVE_CALL
+  return out;
+}
+
+std::string simd() { return GPTSERVE_SIMD; }
 
 // The GIL is released while a kernel runs: the event loop sends SSE chunks while a step's kernels run.
 // wrap_pybind_function_no_gil is torch's own wrapper (the error and warning translation load_inline
@@ -208,6 +354,8 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor weight, c10::option
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", torch::wrap_pybind_function_no_gil(paged_decode), "paged_decode");
   m.def("row_argmax", torch::wrap_pybind_function_no_gil(row_argmax), "row_argmax");
-  m.def("few_rows_linear", torch::wrap_pybind_function_no_gil(few_rows_linear), "few_rows_linear");
+  m.def("panel_linear", torch::wrap_pybind_function_no_gil(panel_linear), "panel_linear");
+  m.def("panel_rows", torch::wrap_pybind_function_no_gil(panel_rows), "panel_rows");
+  m.def("simd", &simd, "simd");
 }
 
