@@ -120,7 +120,7 @@ class EngineConfig:
     quantization: str | None = None  # "int8": weight-only, per output channel (CPU)
     seed: int = 0
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # no CUDA graphs, no compiled CPU decode step
     data_parallel_size: int = 1
     data_parallel_backend: str = "auto"  # replicas as "process"es or "thread"s; auto: processes on GPUs
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding

@@ -58,7 +58,8 @@ def serving_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one step (decodes + prefill chunks)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs, no compiled CPU decode step: every step op by op from Python")
     p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas, one per GPU")
     p.add_argument("--data-parallel-backend", default="auto", choices=["auto", "process", "thread"],
                    help="replicas as one process each (auto on GPUs: no shared interpreter lock) or as "

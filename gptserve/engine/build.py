@@ -80,8 +80,8 @@ def build_parts(model: str | None, config: EngineConfig, loaded: tuple[GPT2, Tok
     scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
     graph_sizes = () if config.enforce_eager else tuple(
         b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs)
-    runner = ModelRunner(gpt2, pool, Sampler(vocab_size, device, config.seed), max_model_len, graph_sizes)
     panels = _prepare_weights(gpt2, device, precision)
+    runner = ModelRunner(gpt2, pool, Sampler(vocab_size, device, config.seed), max_model_len, graph_sizes)
     speculator = None
     if config.speculative is not None:
         proposer = build_proposer(config.speculative, mc, vocab_size, device, dtype, num_blocks,

@@ -5,7 +5,8 @@ sequence's last token and its speculative guesses, engine/speculative.py), then 
 prefill chunk. Only rows whose next token is due are projected to the vocabulary: every
 decode row, every verify row, and the last row of a chunk that completes its sequence's
 prompt.
-On CUDA, decode-only steps replay a CUDA graph captured for the padded batch size.
+On CUDA, decode-only steps replay a CUDA graph captured for the padded batch size; on the
+CPU they run in one compiled call (model/cpu_decode.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gptserve.engine.sampler import Sampler, SamplerOutput, floored
 from gptserve.engine.scheduler import ScheduledBatch
 from gptserve.engine.sequence import Sequence
 from gptserve.model.attention import DenseAttention, KVPool, PagedAttention, PagedMetadata, PrefillSpan
+from gptserve.model.cpu_decode import CpuDecode
 from gptserve.model.gpt2 import GPT2
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,12 @@ class ModelRunner:
         self.pin = self.device.type == "cuda"  # step inputs: pinned host memory, copied without a sync
         self.block_size = pool.block_size
         self.max_blocks = -(-max_model_len // pool.block_size)
-        self.graphs = None
+        # decode-only steps' fast path (none with enforce_eager, which passes no sizes)
+        self.graphs: DecodeGraphs | CpuDecode | None = None
         if self.device.type == "cuda" and graph_batch_sizes:
             self.graphs = DecodeGraphs(model, pool, self.max_blocks, graph_batch_sizes)
+        elif self.device.type == "cpu" and graph_batch_sizes:
+            self.graphs = CpuDecode.build(model, pool)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, masks: Future | None = None) -> tuple[list, SamplerOutput]:

@@ -141,6 +141,11 @@ inline __m256 widen8(const int8_t* w) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
 }
 
+template <typename T>
+inline void widen_panel(const T* w, int64_t n, float* out) {  // n: a multiple of 16
+  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(out + i, widen8(w + i));
+}
+
 // R rows by G panels, widened in registers: sums (R, G * 16)
 template <typename T, int R, int G>
 inline void direct_block(const float* x, int64_t K, const T* w, float* sums) {
@@ -198,12 +203,16 @@ template <int R>
 inline void buffered_block(const float* x, int64_t K, const float* w, float* sums) {
   direct_block<float, R, 1>(x, K, w, sums);
 }
+template <typename T>
+inline void widen_panel(const T* w, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = widen(w[i]);
+}
 #endif
 
 template <typename T, int R>
 void few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* scale, const float* bias,
               float* y, int64_t N) {
-  constexpr int G = R == 1 ? 4 : R == 2 ? 3 : 2;  // panels at once: 8 to 16 sums in flight
+  constexpr int G = R == 1 ? 4 : R == 2 ? 3 : R == 3 ? 2 : 1;  // panels at once: 8 to 12 sums in flight
   const int64_t groups = (P + G - 1) / G;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     float sums[R * 4 * PANEL];
@@ -240,7 +249,7 @@ void many_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t P, cons
       if constexpr (std::is_same<T, float>::value) {
         panel = wp;
       } else {
-        for (int64_t i = 0; i < K * PANEL; ++i) buffer[i] = widen(wp[i]);
+        widen_panel(wp, K * PANEL, buffer.data());
         panel = buffer.data();
       }
       const int64_t o0 = p * PANEL, width = std::min<int64_t>(PANEL, N - o0);
@@ -347,6 +356,84 @@ torch::Tensor panel_rows(torch::Tensor panels, c10::optional<torch::Tensor> scal
 
 std::string simd() { return GPTSERVE_SIMD; }
 
+// ---- a whole decode step in one call -----------------------------------------------------
+// At a few rows a decode step's matmuls read the weights once and are done in a few
+// milliseconds; driven from Python, the ~25 other operations of each layer (layer norms,
+// views, the K/V write, attention, GELU, residual adds) cost as much again in dispatch. Here
+// the layers run in a loop in C++: the same ATen operations (layer norm, GELU, add) and the
+// same kernels (panel_linear, paged_decode) the Python path runs, so the same numbers.
+struct PanelWeight {
+  torch::Tensor panels;
+  c10::optional<torch::Tensor> scale, bias;
+  int64_t n;
+  torch::Tensor operator()(const torch::Tensor& x) const { return panel_linear(x, panels, scale, bias, n); }
+};
+
+struct DecodeLayer {
+  torch::Tensor ln1_w, ln1_b, ln2_w, ln2_b;
+  PanelWeight qkv, proj, fc, out;
+  double scale;
+};
+
+class DecodeStack {
+ public:
+  DecodeStack(torch::Tensor head_panels, c10::optional<torch::Tensor> head_scale, int64_t vocab, torch::Tensor wpe,
+              torch::Tensor lnf_w, torch::Tensor lnf_b, int64_t n_head, double eps)
+      : head_{head_panels, head_scale, c10::nullopt, vocab}, wpe_(wpe), lnf_w_(lnf_w), lnf_b_(lnf_b),
+        n_head_(n_head), eps_(eps) {}
+
+  void add_layer(torch::Tensor ln1_w, torch::Tensor ln1_b, torch::Tensor ln2_w, torch::Tensor ln2_b,
+                 std::vector<c10::optional<torch::Tensor>> qkv, std::vector<c10::optional<torch::Tensor>> proj,
+                 std::vector<c10::optional<torch::Tensor>> fc, std::vector<c10::optional<torch::Tensor>> out,
+                 std::vector<int64_t> widths, double scale) {
+    auto weight = [](const std::vector<c10::optional<torch::Tensor>>& t, int64_t n) {
+      TORCH_CHECK(t.size() == 3 && t[0].has_value(), "a layer's weight: [panels, scale, bias]");
+      return PanelWeight{*t[0], t[1], t[2], n};
+    };
+    TORCH_CHECK(widths.size() == 4, "widths: qkv, proj, fc, out");
+    layers_.push_back({ln1_w, ln1_b, ln2_w, ln2_b, weight(qkv, widths[0]), weight(proj, widths[1]),
+                       weight(fc, widths[2]), weight(out, widths[3]), scale});
+  }
+
+  // ids, positions, slot_mapping, context_lens (B,) int64; block_tables (B, M) int64;
+  // kv (layers, 2, blocks, block_size, H, D) float32 -> the final hidden states (B, C)
+  torch::Tensor forward(torch::Tensor ids, torch::Tensor positions, torch::Tensor kv, torch::Tensor slot_mapping,
+                        torch::Tensor block_tables, torch::Tensor context_lens) const {
+    TORCH_CHECK(kv.is_contiguous() && kv.dtype() == torch::kFloat32 && kv.size(0) == int64_t(layers_.size()),
+                "kv: (layers, 2, blocks, block_size, H, D) float32, contiguous");
+    const int64_t B = ids.size(0), C = wpe_.size(1), H = n_head_, D = C / H;
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    const int64_t pool_slots = kv.size(2) * kv.size(3);
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slots[b] >= 0 && slots[b] < pool_slots, "slot out of range");
+    auto x = panel_rows(head_.panels, head_.scale, ids, head_.n).add_(wpe_.index_select(0, positions));
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const DecodeLayer& L = layers_[l];
+      auto k_cache = kv[l][0], v_cache = kv[l][1];
+      auto qkv = L.qkv(at::layer_norm(x, {C}, L.ln1_w, L.ln1_b, eps_));  // (B, 3C)
+      float* kp = k_cache.data_ptr<float>();
+      float* vp = v_cache.data_ptr<float>();
+      const float* row = qkv.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(kp + slots[b] * C, row + b * 3 * C + C, C * sizeof(float));
+        std::memcpy(vp + slots[b] * C, row + b * 3 * C + 2 * C, C * sizeof(float));
+      }
+      auto q = qkv.narrow(1, 0, C).reshape({B, H, D});
+      auto y = paged_decode(q, k_cache, v_cache, block_tables, context_lens, L.scale);
+      x.add_(L.proj(y.reshape({B, C})));
+      auto h = L.fc(at::layer_norm(x, {C}, L.ln2_w, L.ln2_b, eps_));
+      x.add_(L.out(at::gelu_(h, "tanh")));
+    }
+    return at::layer_norm(x, {C}, lnf_w_, lnf_b_, eps_);
+  }
+
+ private:
+  PanelWeight head_;
+  torch::Tensor wpe_, lnf_w_, lnf_b_;
+  int64_t n_head_;
+  double eps_;
+  std::vector<DecodeLayer> layers_;
+};
+
 // The GIL is released while a kernel runs: the event loop sends SSE chunks while a step's kernels run.
 // wrap_pybind_function_no_gil is torch's own wrapper (the error and warning translation load_inline
 // puts around the functions it binds) plus a py::gil_scoped_release inside it, so errors are still
@@ -357,5 +444,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", torch::wrap_pybind_function_no_gil(panel_linear), "panel_linear");
   m.def("panel_rows", torch::wrap_pybind_function_no_gil(panel_rows), "panel_rows");
   m.def("simd", &simd, "simd");
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, int64_t, torch::Tensor, torch::Tensor, torch::Tensor,
+                    int64_t, double>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
 }
 
