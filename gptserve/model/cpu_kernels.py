@@ -1,5 +1,5 @@
 """CPU kernels, compiled on first use: paged decode attention, the greedy argmax, and
-linear layers on a few rows with weights in 32, 16 or 8 bits.
+linear layers with weights in 32, 16 or 8 bits, and a whole decode step in one call.
 
 Decode attention on the CPU is bound by memory traffic: each new token reads its
 sequence's whole K/V. Done with PyTorch ops it must first gather the sequence's blocks
@@ -16,9 +16,12 @@ Linear layers read their weights in the format they are held in (float32, bfloat
 float16 or int8 with a scale per output channel) from panels of 16 output channels
 (`panel_linear`; panel_linear.py says why), widen them to float32 and do float32 math with
 fused multiply-adds, in an order that does not depend on the number of rows. The tied
-embedding's lookup reads the LM head's panels (`panel_rows`). Vector code for AVX2 + FMA +
-F16C where the compiler targets it (the build is for the machine it runs on), a plain loop
-with the same operations in the same order elsewhere; `simd()` names which.
+embedding's lookup reads the LM head's panels (`panel_rows`). The inner loops come in three
+variants, one picked at start by what the CPU has (cpuid): `avx512` (AVX-512F), `avx2`
+(AVX2 + FMA + F16C) and `scalar` (a plain loop); all sum in the same order with fused
+multiply-adds, so they give the same bits. `simd()` names the one in use (the start-up log
+and `gptserve info` show it), `variants()` those this CPU runs; GPTSERVE_CPU_KERNELS=avx2
+(or scalar) picks a lesser one. `DecodeStack` runs a whole decode step (cpu_decode.py).
 
 The C++ is csrc/cpu_kernels.cpp beside this file (one translation unit, so torch's headers
 are compiled once), built with torch.utils.cpp_extension.load, so compiler errors name its
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / "cpu_kernels.cpp"]
 # a new name for each change of the bindings or of how they are built, so that an old cached
 # build isn't loaded
-EXTENSION = "gptserve_cpu_kernels_v8"
+EXTENSION = "gptserve_cpu_kernels_v9"
 # torch's build lock; a build takes a minute at most, so an older lock was left by a build
 # that was killed, and would make every later start wait for it forever
 STALE_LOCK_S = 600
@@ -69,8 +72,8 @@ def panel_kernels() -> ModuleType | None:
 
 
 def cpu_kernel_variant() -> str:
-    """Which vector code the linear-layer kernels run on this CPU ("avx2", "scalar"), or why
-    there are none."""
+    """Which vector code the linear-layer kernels run on this CPU ("avx512", "avx2" or
+    "scalar"), or why there are none."""
     module = _module()
     if module is None:
         return "none (disabled by GPTSERVE_NO_KERNELS)" if not kernels_enabled() else "none (no build)"

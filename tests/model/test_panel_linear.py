@@ -214,3 +214,33 @@ def test_int8_scores_held_out_text_as_float32_does(tokenizer, float32_model):
         return F.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
 
     assert nll(got) - nll(want) <= INT8_MAX_NLL_INCREASE
+
+
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_kernel_variant_gives_the_scalar_references_bits(variant, fmt):
+    """Each instruction-set variant this CPU can run, at every path (1-4 rows in registers,
+    more in a buffer), against the scalar loop; variants the CPU lacks are skipped."""
+    kernels = panel_kernels()
+    if variant not in kernels.variants():
+        pytest.skip(f"this CPU cannot run the {variant} kernels (it runs {', '.join(kernels.variants())})")
+    g = torch.Generator().manual_seed(5)
+    layer = PanelLinear(torch.randn(333, 200, generator=g), torch.randn(333, generator=g), fmt)
+    x = torch.randn(23, 200, generator=g)
+    ids = torch.tensor([0, 332, 17, 16])
+    in_use = kernels.simd()
+    try:
+        kernels.use_variant("scalar")
+        want = [layer(x[:rows]) for rows in (1, 2, 3, 4, 5, 6, 7, 23)] + [layer.rows(ids)]
+        kernels.use_variant(variant)
+        got = [layer(x[:rows]) for rows in (1, 2, 3, 4, 5, 6, 7, 23)] + [layer.rows(ids)]
+    finally:
+        kernels.use_variant(in_use)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_the_best_variant_the_cpu_runs_is_the_one_in_use():
+    kernels = panel_kernels()
+    assert kernels.simd() == kernels.variants()[0] and kernels.variants()[-1] == "scalar"
+    with pytest.raises(RuntimeError, match="cannot run the neon kernels"):
+        kernels.use_variant("neon")

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -128,88 +129,181 @@ inline void finish(const float* sums, int64_t o0, int64_t n, const float* scale,
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// Three variants of the inner loops, one chosen at start by what the CPU has (cpuid):
+// avx512 (AVX-512F: a panel row is one 16-lane vector), avx2 (AVX2 + FMA + F16C: two 8-lane
+// vectors) and scalar (std::fma, one lane at a time). Each sums every output in the same
+// order with correctly rounded fused multiply-adds, so all three give the same bits; the
+// tests check each this CPU can run against scalar. Each is compiled for its instruction
+// set whatever the compiler's default target (GCC's target pragma).
+struct Scalar {
+  static constexpr const char* name = "scalar";
+  template <typename T, int R, int G>
+  static void direct_block(const float* x, int64_t K, const T* w, float* sums) {
+    for (int r = 0; r < R; ++r) for (int64_t j = 0; j < G * PANEL; ++j) sums[r * G * PANEL + j] = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      for (int g = 0; g < G; ++g)
+        for (int64_t j = 0; j < PANEL; ++j) {
+          const float wv = widen(w[g * K * PANEL + k * PANEL + j]);
+          for (int r = 0; r < R; ++r) {
+            float& acc = sums[r * G * PANEL + g * PANEL + j];
+            acc = std::fma(wv, x[r * K + k], acc);
+          }
+        }
+  }
+  template <int R>
+  static void buffered_block(const float* x, int64_t K, const float* w, float* sums) {
+    direct_block<float, R, 1>(x, K, w, sums);
+  }
+  template <typename T>
+  static void widen_panel(const T* w, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = widen(w[i]);
+  }
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define GPTSERVE_SIMD "avx2"
-inline __m256 widen8(const float* w) { return _mm256_loadu_ps(w); }
-inline __m256 widen8(const BF16* w) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-inline __m256 widen8(const F16* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
-inline __m256 widen8(const int8_t* w) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
-}
-
-template <typename T>
-inline void widen_panel(const T* w, int64_t n, float* out) {  // n: a multiple of 16
-  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(out + i, widen8(w + i));
-}
-
-// R rows by G panels, widened in registers: sums (R, G * 16)
-template <typename T, int R, int G>
-inline void direct_block(const float* x, int64_t K, const T* w, float* sums) {
-  __m256 acc[R][G][2];
-  for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) acc[r][g][0] = acc[r][g][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 xb[R];
-    for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * K + k);
-    for (int g = 0; g < G; ++g) {
-      const T* p = w + g * K * PANEL + k * PANEL;
-      const __m256 lo = widen8(p), hi = widen8(p + 8);
+#define GPTSERVE_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+struct Avx2 {
+  static constexpr const char* name = "avx2";
+  static __m256 widen8(const float* w) { return _mm256_loadu_ps(w); }
+  static __m256 widen8(const BF16* w) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  }
+  static __m256 widen8(const F16* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+  static __m256 widen8(const int8_t* w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+  }
+  // R rows by G panels, widened in registers: sums (R, G * 16)
+  template <typename T, int R, int G>
+  static void direct_block(const float* x, int64_t K, const T* w, float* sums) {
+    __m256 acc[R][G][2];
+    for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) acc[r][g][0] = acc[r][g][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      __m256 xb[R];
+      for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * K + k);
+      for (int g = 0; g < G; ++g) {
+        const T* p = w + g * K * PANEL + k * PANEL;
+        const __m256 lo = widen8(p), hi = widen8(p + 8);
+        for (int r = 0; r < R; ++r) {
+          acc[r][g][0] = _mm256_fmadd_ps(lo, xb[r], acc[r][g][0]);
+          acc[r][g][1] = _mm256_fmadd_ps(hi, xb[r], acc[r][g][1]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) {
+      _mm256_storeu_ps(sums + r * G * PANEL + g * PANEL, acc[r][g][0]);
+      _mm256_storeu_ps(sums + r * G * PANEL + g * PANEL + 8, acc[r][g][1]);
+    }
+  }
+  // R rows by one panel already widened to float32 (K, 16): sums (R, 16)
+  template <int R>
+  static void buffered_block(const float* x, int64_t K, const float* w, float* sums) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 lo = _mm256_loadu_ps(w + k * PANEL), hi = _mm256_loadu_ps(w + k * PANEL + 8);
       for (int r = 0; r < R; ++r) {
-        acc[r][g][0] = _mm256_fmadd_ps(lo, xb[r], acc[r][g][0]);
-        acc[r][g][1] = _mm256_fmadd_ps(hi, xb[r], acc[r][g][1]);
+        const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+        acc[r][0] = _mm256_fmadd_ps(lo, xb, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(hi, xb, acc[r][1]);
       }
     }
-  }
-  for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) {
-    _mm256_storeu_ps(sums + r * G * PANEL + g * PANEL, acc[r][g][0]);
-    _mm256_storeu_ps(sums + r * G * PANEL + g * PANEL + 8, acc[r][g][1]);
-  }
-}
-
-// R rows by one panel already widened to float32 (K, 16): sums (R, 16)
-template <int R>
-inline void buffered_block(const float* x, int64_t K, const float* w, float* sums) {
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 lo = _mm256_loadu_ps(w + k * PANEL), hi = _mm256_loadu_ps(w + k * PANEL + 8);
     for (int r = 0; r < R; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-      acc[r][0] = _mm256_fmadd_ps(lo, xb, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(hi, xb, acc[r][1]);
+      _mm256_storeu_ps(sums + r * PANEL, acc[r][0]);
+      _mm256_storeu_ps(sums + r * PANEL + 8, acc[r][1]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(sums + r * PANEL, acc[r][0]);
-    _mm256_storeu_ps(sums + r * PANEL + 8, acc[r][1]);
+  template <typename T>
+  static void widen_panel(const T* w, int64_t n, float* out) {  // n: a multiple of 16
+    for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(out + i, widen8(w + i));
   }
-}
-#else
-#define GPTSERVE_SIMD "scalar"
-template <typename T, int R, int G>
-inline void direct_block(const float* x, int64_t K, const T* w, float* sums) {
-  for (int r = 0; r < R; ++r) for (int64_t j = 0; j < G * PANEL; ++j) sums[r * G * PANEL + j] = 0.f;
-  for (int64_t k = 0; k < K; ++k)
-    for (int g = 0; g < G; ++g)
-      for (int64_t j = 0; j < PANEL; ++j) {
-        const float wv = widen(w[g * K * PANEL + k * PANEL + j]);
-        for (int r = 0; r < R; ++r) sums[r * G * PANEL + g * PANEL + j] = std::fma(wv, x[r * K + k], sums[r * G * PANEL + g * PANEL + j]);
+};
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+struct Avx512 {
+  static constexpr const char* name = "avx512";
+  static __m512 widen16(const float* w) { return _mm512_loadu_ps(w); }
+  static __m512 widen16(const BF16* w) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  }
+  static __m512 widen16(const F16* w) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))); }
+  static __m512 widen16(const int8_t* w) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+  }
+  template <typename T, int R, int G>
+  static void direct_block(const float* x, int64_t K, const T* w, float* sums) {
+    __m512 acc[R][G];
+    for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      __m512 xb[R];
+      for (int r = 0; r < R; ++r) xb[r] = _mm512_set1_ps(x[r * K + k]);
+      for (int g = 0; g < G; ++g) {
+        const __m512 wv = widen16(w + g * K * PANEL + k * PANEL);
+        for (int r = 0; r < R; ++r) acc[r][g] = _mm512_fmadd_ps(wv, xb[r], acc[r][g]);
       }
-}
-template <int R>
-inline void buffered_block(const float* x, int64_t K, const float* w, float* sums) {
-  direct_block<float, R, 1>(x, K, w, sums);
-}
-template <typename T>
-inline void widen_panel(const T* w, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = widen(w[i]);
-}
+    }
+    for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) _mm512_storeu_ps(sums + r * G * PANEL + g * PANEL, acc[r][g]);
+  }
+  template <int R>
+  static void buffered_block(const float* x, int64_t K, const float* w, float* sums) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 wv = _mm512_loadu_ps(w + k * PANEL);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r * K + k]), acc[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(sums + r * PANEL, acc[r]);
+  }
+  template <typename T>
+  static void widen_panel(const T* w, int64_t n, float* out) {  // n: a multiple of 16
+    for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(out + i, widen16(w + i));
+  }
+};
+#pragma GCC pop_options
 #endif
 
-template <typename T, int R>
+// The variants this CPU can run, best first, and the one in use (best, unless
+// GPTSERVE_CPU_KERNELS names another, or a test chose one with use_variant)
+std::vector<std::string> variants() {
+  std::vector<std::string> names;
+#ifdef GPTSERVE_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("avx2"))
+    names.push_back(Avx512::name);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    names.push_back(Avx2::name);
+#endif
+  names.push_back(Scalar::name);
+  return names;
+}
+
+std::string& variant_in_use() {
+  static std::string chosen = [] {
+    const auto names = variants();
+    const char* forced = std::getenv("GPTSERVE_CPU_KERNELS");
+    if (forced && std::find(names.begin(), names.end(), std::string(forced)) != names.end()) return std::string(forced);
+    return names.front();
+  }();
+  return chosen;
+}
+
+void use_variant(const std::string& name) {
+  const auto names = variants();
+  TORCH_CHECK(std::find(names.begin(), names.end(), name) != names.end(), "this CPU cannot run the ", name,
+              " kernels");
+  variant_in_use() = name;
+}
+
+std::string simd() { return variant_in_use(); }
+
+template <class ISA, typename T, int R>
 void few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* scale, const float* bias,
               float* y, int64_t N) {
   constexpr int G = R == 1 ? 4 : R == 2 ? 3 : R == 3 ? 2 : 1;  // panels at once: 8 to 12 sums in flight
@@ -220,10 +314,10 @@ void few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* sca
       const int64_t p0 = gi * G, here = std::min<int64_t>(G, P - p0);
       const T* wp = w + p0 * K * PANEL;
       switch (here) {  // the last group may hold fewer panels
-        case 4: direct_block<T, R, 4>(x, K, wp, sums); break;
-        case 3: direct_block<T, R, 3>(x, K, wp, sums); break;
-        case 2: direct_block<T, R, 2>(x, K, wp, sums); break;
-        default: direct_block<T, R, 1>(x, K, wp, sums); break;
+        case 4: ISA::template direct_block<T, R, 4>(x, K, wp, sums); break;
+        case 3: ISA::template direct_block<T, R, 3>(x, K, wp, sums); break;
+        case 2: ISA::template direct_block<T, R, 2>(x, K, wp, sums); break;
+        default: ISA::template direct_block<T, R, 1>(x, K, wp, sums); break;
       }
       for (int r = 0; r < R; ++r)
         for (int64_t q = 0; q < here; ++q) {
@@ -234,10 +328,7 @@ void few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* sca
   });
 }
 
-template <int R>
-inline void buffered_rows(const float* x, int64_t K, const float* w, float* sums) { buffered_block<R>(x, K, w, sums); }
-
-template <typename T>
+template <class ISA, typename T>
 void many_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* scale,
                const float* bias, float* y, int64_t N) {
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
@@ -249,7 +340,7 @@ void many_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t P, cons
       if constexpr (std::is_same<T, float>::value) {
         panel = wp;
       } else {
-        widen_panel(wp, K * PANEL, buffer.data());
+        ISA::widen_panel(wp, K * PANEL, buffer.data());
         panel = buffer.data();
       }
       const int64_t o0 = p * PANEL, width = std::min<int64_t>(PANEL, N - o0);
@@ -257,12 +348,12 @@ void many_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t P, cons
         const int64_t rows = std::min<int64_t>(6, M - r0);
         const float* xr = x + r0 * K;
         switch (rows) {
-          case 6: buffered_rows<6>(xr, K, panel, sums); break;
-          case 5: buffered_rows<5>(xr, K, panel, sums); break;
-          case 4: buffered_rows<4>(xr, K, panel, sums); break;
-          case 3: buffered_rows<3>(xr, K, panel, sums); break;
-          case 2: buffered_rows<2>(xr, K, panel, sums); break;
-          default: buffered_rows<1>(xr, K, panel, sums); break;
+          case 6: ISA::template buffered_block<6>(xr, K, panel, sums); break;
+          case 5: ISA::template buffered_block<5>(xr, K, panel, sums); break;
+          case 4: ISA::template buffered_block<4>(xr, K, panel, sums); break;
+          case 3: ISA::template buffered_block<3>(xr, K, panel, sums); break;
+          case 2: ISA::template buffered_block<2>(xr, K, panel, sums); break;
+          default: ISA::template buffered_block<1>(xr, K, panel, sums); break;
         }
         for (int64_t r = 0; r < rows; ++r) finish(sums + r * PANEL, o0, width, scale, bias, y + (r0 + r) * N);
       }
@@ -270,16 +361,27 @@ void many_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t P, cons
   });
 }
 
+template <class ISA, typename T>
+void panel_linear_isa(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* s,
+                      const float* b, float* y, int64_t N) {
+  switch (M) {
+    case 1: return few_rows<ISA, T, 1>(x, K, w, P, s, b, y, N);
+    case 2: return few_rows<ISA, T, 2>(x, K, w, P, s, b, y, N);
+    case 3: return few_rows<ISA, T, 3>(x, K, w, P, s, b, y, N);
+    case 4: return few_rows<ISA, T, 4>(x, K, w, P, s, b, y, N);
+    default: return many_rows<ISA, T>(x, M, K, w, P, s, b, y, N);
+  }
+}
+
 template <typename T>
 void panel_linear_t(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* s,
                     const float* b, float* y, int64_t N) {
-  switch (M) {
-    case 1: return few_rows<T, 1>(x, K, w, P, s, b, y, N);
-    case 2: return few_rows<T, 2>(x, K, w, P, s, b, y, N);
-    case 3: return few_rows<T, 3>(x, K, w, P, s, b, y, N);
-    case 4: return few_rows<T, 4>(x, K, w, P, s, b, y, N);
-    default: return many_rows<T>(x, M, K, w, P, s, b, y, N);
-  }
+  const std::string& v = variant_in_use();
+#ifdef GPTSERVE_X86
+  if (v == Avx512::name) return panel_linear_isa<Avx512, T>(x, M, K, w, P, s, b, y, N);
+  if (v == Avx2::name) return panel_linear_isa<Avx2, T>(x, M, K, w, P, s, b, y, N);
+#endif
+  return panel_linear_isa<Scalar, T>(x, M, K, w, P, s, b, y, N);
 }
 
 #define GPTSERVE_BY_FORMAT(dtype, F, ...)                                                          \
@@ -353,8 +455,6 @@ torch::Tensor panel_rows(torch::Tensor panels, c10::optional<torch::Tensor> scal
 #undef GPTSERVE_CALL
   return out;
 }
-
-std::string simd() { return GPTSERVE_SIMD; }
 
 // ---- a whole decode step in one call -----------------------------------------------------
 // At a few rows a decode step's matmuls read the weights once and are done in a few
@@ -444,6 +544,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", torch::wrap_pybind_function_no_gil(panel_linear), "panel_linear");
   m.def("panel_rows", torch::wrap_pybind_function_no_gil(panel_rows), "panel_rows");
   m.def("simd", &simd, "simd");
+  m.def("variants", &variants, "variants");
+  m.def("use_variant", &use_variant, "use_variant");
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, int64_t, torch::Tensor, torch::Tensor, torch::Tensor,
                     int64_t, double>())
