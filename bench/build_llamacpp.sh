@@ -11,6 +11,11 @@
 #
 # Env: JOBS (make -j, default 2), NATIVE (GGML_NATIVE, default ON),
 #      SKIP_PY=1 to skip `pip install llama-cpp-python[server]`.
+#
+# NATIVE=OFF makes the portable build bench/compare.py falls back on where a native build
+# does not start: the vector instruction sets this CPU has (AVX2, FMA, F16C, AVX-512 and its
+# VNNI and BF16 extensions) switched on one by one, AMX left off:
+#   NATIVE=OFF SKIP_PY=1 bench/build_llamacpp.sh .cache/llamacpp-portable
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,7 +38,17 @@ ln -sfn "$SRC" src
 echo "llama.cpp sources: $SRC"
 
 # 2. llama-server: CPU only, no web UI download, no HTTPS, no tests/examples.
-cmake -S "$SRC" -B build -DCMAKE_BUILD_TYPE=Release \
+ISA=()
+if [ "$NATIVE" = OFF ]; then
+    FLAGS=$(grep -m1 '^flags' /proc/cpuinfo || true)
+    has() { [[ " $FLAGS " == *" $1 "* ]] && echo ON || echo OFF; }
+    ISA=(-DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)"
+         -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VNNI="$(has avx512_vnni)"
+         -DGGML_AVX512_BF16="$(has avx512_bf16)" -DGGML_AVX_VNNI="$(has avx_vnni)" -DGGML_AMX_TILE=OFF
+         -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+    echo "portable build: ${ISA[*]}"
+fi
+cmake -S "$SRC" -B build -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" \
     -DGGML_NATIVE="$NATIVE" -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF

@@ -13,7 +13,11 @@ that fits them, the same threads. Writes `serving.json`, `throughput.png`,
 precision, and every server's exact command) to --out.
 
 Build the llama.cpp peer first (minutes): bench/build_llamacpp.sh (into .cache/llamacpp,
-where --llamacpp-dir looks by default). From the repository root:
+where --llamacpp-dir looks by default). Where a native llama.cpp build of some precision
+does not start (seen: Q8_0 hanging after its thread pool starts, with AMX), a second,
+portable build is tried (`NATIVE=OFF bench/build_llamacpp.sh .cache/llamacpp-portable`: the
+CPU's AVX2/AVX-512 flags on, AMX off), and the table says which build ran. The table names
+the CPU (model and vector flags) it ran on. From the repository root:
 
     python bench/compare.py               # concurrency 1, 4, 16, 64 -> bench/results/
     python bench/compare.py --quick       # the same table with fewer, shorter requests
@@ -22,6 +26,7 @@ where --llamacpp-dir looks by default). From the repository root:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -109,7 +114,7 @@ def free_port() -> int:
 
 
 def make_peer(args: argparse.Namespace, name: str, checkpoint: Path, ggufs: dict[str, Path],
-              concurrency: int) -> Peer:
+              concurrency: int, portable: bool = False) -> Peer:
     """The server `name` set up as its users would for `concurrency` clients: llama-server
     with one slot per client and a context that fits them (so one server per level); the
     others batch on their own (one server for every level)."""
@@ -128,13 +133,14 @@ def make_peer(args: argparse.Namespace, name: str, checkpoint: Path, ggufs: dict
         return Peer(name, "transformers, one request at a time", cmd, port, torch_env)
     if name in LLAMACPP_OUTTYPE:
         gguf = ggufs[name]
-        binary = args.llamacpp_dir / "build" / "bin" / "llama-server"
+        binary = llama_server(args.llamacpp_portable_dir if portable else args.llamacpp_dir)
         if binary.exists() and not args.llama_cpp_python:
             # one slot per client, each with SLOT_TOKENS of context; K/V in f32 as ours
             cmd = [str(binary), "-m", str(gguf), *host, "-t", threads, "-tb", threads,
                    "-np", str(concurrency), "-c", str(concurrency * SLOT_TOKENS), "-cb",
                    "-ctk", "f32", "-ctv", "f32", "--no-webui", "-a", "gpt2-random", *args.llama_args.split()]
-            return Peer(name, f"llama-server, {concurrency} slots", cmd, port)
+            build = "portable build" if portable else "native build"
+            return Peer(name, f"llama-server ({build}), {concurrency} slots", cmd, port)
         # llama-cpp-python's server runs one request at a time; by default a waiting
         # request cuts the running stream short, hence --interrupt_requests False
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), *host, "--n_ctx", "1024",
@@ -142,6 +148,10 @@ def make_peer(args: argparse.Namespace, name: str, checkpoint: Path, ggufs: dict
                "--interrupt_requests", "False"]
         return Peer(name, "llama-cpp-python server, serialised", cmd, port)
     raise SystemExit(f"unknown peer {name!r}")
+
+
+def llama_server(build_dir: Path) -> Path:
+    return build_dir / "build" / "bin" / "llama-server"
 
 
 def server_levels(name: str, levels: list[int]) -> list[list[int]]:
@@ -193,6 +203,24 @@ class Server:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+@contextlib.contextmanager
+def first_ready(peers: list[Peer], log_dir: Path, timeouts: list[float]):
+    """Starts each of `peers` in turn (a server, then its fallbacks) until one answers within
+    its timeout; yields (server, notes: why each earlier one was passed over). Raises
+    RuntimeError when none does."""
+    notes: list[str] = []
+    for peer, timeout in zip(peers, timeouts):
+        with Server(peer, log_dir / f"{peer.name}_port{peer.port}.log") as server:
+            try:
+                server.wait_ready(timeout)
+            except RuntimeError as exc:
+                notes.append(f"{peer.impl}: {exc}")
+                continue
+            yield server, notes
+            return
+    raise RuntimeError("; ".join(notes))
 
 
 # ---------------------------------------------------------------- one level
@@ -289,6 +317,12 @@ def prefill_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def notes(servers: dict) -> str:
+    """Why a server ran a fallback build, or did not run at all."""
+    lines = [f"- {PEER_TITLES[name]}, {note}" for name, info in servers.items() for note in info.get("notes", [])]
+    return "Notes:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
 def commands(servers: dict) -> str:
     """Each server's exact command, per level where it was started per level."""
     lines = ["Commands:", ""]
@@ -363,6 +397,10 @@ def versions(args: argparse.Namespace) -> dict:
         info["cpu"] = cpu[0].split(":", 1)[1].strip() if cpu else None
     except OSError:
         pass
+    info["cpu_flags"] = vector_flags()
+    from gptserve.model.cpu_kernels import cpu_kernel_variant
+
+    info["gptserve_kernels"] = cpu_kernel_variant()
     import torch
     import transformers
     info["torch"], info["transformers"] = torch.__version__, transformers.__version__
@@ -373,6 +411,25 @@ def versions(args: argparse.Namespace) -> dict:
         v = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
         info["llama_server"] = (v.stdout + v.stderr).strip().splitlines()[-2:]
     return info
+
+
+VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                "amx_tile", "amx_bf16", "amx_int8")
+
+
+def vector_flags() -> list[str]:
+    """The CPU's vector instruction sets that matter to these kernels (Linux's names)."""
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in VECTOR_FLAGS if f in flags]
+
+
+def cpu_line(info: dict) -> str:
+    return (f"CPU: {info.get('cpu') or platform.processor() or 'unknown'}, {info.get('cpus')} cores seen; "
+            f"vector flags: {' '.join(info.get('cpu_flags') or []) or 'none'}; "
+            f"gptserve's kernels: {info.get('gptserve_kernels')}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -396,6 +453,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every server")
     p.add_argument("--llamacpp-dir", type=Path, default=CACHE / "llamacpp",
                    help="where bench/build_llamacpp.sh built llama.cpp (default .cache/llamacpp)")
+    p.add_argument("--llamacpp-portable-dir", type=Path, default=CACHE / "llamacpp-portable",
+                   help="a second llama.cpp build (NATIVE=OFF bench/build_llamacpp.sh DIR), tried where the "
+                        "native one does not start (default .cache/llamacpp-portable)")
+    p.add_argument("--llamacpp-start-timeout", type=float, default=60,
+                   help="seconds for a llama.cpp build to start before the portable build is tried")
     p.add_argument("--llama-cpp-python", action="store_true", help="use llama-cpp-python's server for llama.cpp")
     p.add_argument("--llama-args", default="", help="extra llama-server flags, e.g. '--poll 0'")
     p.add_argument("--work", type=Path, default=CACHE / "bench",
@@ -441,18 +503,27 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.peers:
         results[name], servers[name] = {}, {"commands": {}}
         for levels in server_levels(name, args.concurrency):
-            peer = make_peer(args, name, checkpoint, ggufs, max(levels))
-            servers[name]["impl"] = peer.impl
-            servers[name]["commands"][",".join(map(str, levels))] = peer.command
+            candidates = [make_peer(args, name, checkpoint, ggufs, max(levels))]
+            timeouts = [args.ready_timeout]
+            if name in LLAMACPP_OUTTYPE and not args.llama_cpp_python:
+                timeouts = [args.llamacpp_start_timeout]
+                if llama_server(args.llamacpp_portable_dir).exists():
+                    candidates.append(make_peer(args, name, checkpoint, ggufs, max(levels), portable=True))
+                    timeouts.append(args.llamacpp_start_timeout)
             try:
-                with Server(peer, logs / f"{name}_c{max(levels)}.log") as server:
-                    server.wait_ready(args.ready_timeout)
+                with first_ready(candidates, logs, timeouts) as (server, notes):
+                    peer = server.peer
+                    servers[name]["impl"] = peer.impl
+                    servers[name]["commands"][",".join(map(str, levels))] = peer.command
+                    for note in notes:
+                        servers[name].setdefault("notes", []).append(f"concurrency {levels}: {note}")
                     if 1 in levels and not args.skip_prefill:
                         results[name]["prefill"] = bench_level(args, peer, 1, raw, prefill=True)
                     for c in levels:
                         results[name][str(c)] = bench_level(args, peer, c, raw)
-            except RuntimeError as exc:  # one peer failing doesn't lose the others
+            except RuntimeError as exc:  # one peer failing doesn't lose the others: its rows say why
                 print(f"!! {name}: {exc}", file=sys.stderr)
+                servers[name].setdefault("notes", []).append(f"concurrency {levels}: did not run: {exc}")
                 for c in levels:
                     results[name].setdefault(str(c), {"error": str(exc)})
 
@@ -469,7 +540,9 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
     }
     (args.out / "serving.json").write_text(json.dumps(record, indent=2))
-    table = markdown_table(results, args.concurrency) + "\n\n" + prefill_table(results) + "\n\n" + commands(servers)
+    table = (markdown_table(results, args.concurrency) + "\n\n" + prefill_table(results) + "\n\n"
+             + notes(servers) + commands(servers))
+    workload = f"{workload}\n\n{cpu_line(record['versions'])}"
     (args.out / "serving.md").write_text(f"{workload}\n\n{table}\n")
     plots(results, args.concurrency, args.out, workload + (" [quick smoke run]" if args.quick else ""))
     print(f"\n{workload}{' [quick smoke run]' if args.quick else ''}\n\n{table}\n")
