@@ -29,6 +29,22 @@ def test_the_server_app_loads_no_torch():
     assert not [m for m in HEAVY if m in loaded]
 
 
+def test_the_engine_loads_no_compiler_machinery():
+    """torch.compile's machinery (torch._dynamo, triton) costs ~250 MB of resident memory and
+    seconds of start-up; a CPU engine, built and serving, uses none of it."""
+    code = ("import sys\n"
+            "from gptserve.config import EngineConfig\n"
+            "from gptserve.engine.llm_engine import LLMEngine\n"
+            "from gptserve.engine.sampling_params import SamplingParams\n"
+            "engine = LLMEngine(None, EngineConfig(device='cpu', kv_cache_memory=2**24))\n"
+            "engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3))\n"
+            "print(' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert "gptserve.engine.grammar" in loaded
+    assert not {"torch._dynamo", "torch._inductor", "triton", "llguidance.torch"} & loaded
+
+
 def test_the_ray_ingress_loads_no_torch():
     pytest.importorskip("ray.serve")
     loaded = _loaded_after_import("gptserve.deploy.application")

@@ -19,8 +19,8 @@ from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.grammar import GrammarCompiler
 from gptserve.engine.limits import EngineLimits
 from gptserve.engine.model_runner import ModelRunner
-from gptserve.engine.placement import (Precision, bind_device, kv_cache_bytes, profile_gpu_memory, resolve_device,
-                                       resolve_precision)
+from gptserve.engine.placement import (Precision, bind_device, kv_cache_bytes, profile_gpu_memory,
+                                      release_freed_memory, resolve_device, resolve_precision)
 from gptserve.engine.proposers import build_proposer
 from gptserve.engine.sampler import Sampler
 from gptserve.engine.scheduler import Scheduler
@@ -99,4 +99,6 @@ def _prepare_weights(model: GPT2, device: torch.device, precision: Precision) ->
     if device.type != "cpu":
         return False
     paged_decode()  # build (or load the cached build of) the CPU kernels now, not mid-request
-    return panels_for_cpu(model, precision.weights)  # one copy of the weights, in their precision
+    panels = panels_for_cpu(model, precision.weights)  # one copy of the weights, in their precision
+    release_freed_memory()  # the float32 weights just dropped
+    return panels

@@ -7,6 +7,8 @@ a list of choices, a Lark grammar or a set of tools, server/structured.py). llgu
 tokenizer's byte-level vocabulary and keeps a matcher per sequence; each step the masks
 of all constrained rows are filled at once by its thread pool (`fill_next_token_bitmask_par`,
 which drops the GIL), started before the forward pass and applied to the logits after it.
+(Its numpy binding, not its torch one: importing llguidance.torch imports torch.compile's
+machinery, 190 MB of memory and two seconds of start-up that nothing here uses.)
 
 A grammar is compiled once, cached by its text, on the grammar threads (gptserve/grammar_threads.py):
 `prepare` is called when a request arrives (AsyncEngine.generate awaits it), so the step
@@ -24,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import llguidance.tiktoken
-import llguidance.torch
+import llguidance.numpy
 import numpy as np
 import torch
 
@@ -121,10 +123,10 @@ class GrammarCompiler:
         return self._mask_thread.submit(self._fill, [matchers[i] for i in rows], rows)
 
     def _fill(self, matchers: list[llguidance.LLMatcher], rows: list[int]) -> tuple[list[int], torch.Tensor]:
-        bitmask = torch.empty(len(rows), (self.vocab_size + 31) // 32, dtype=torch.int32)
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)],
+        bitmask = np.empty((len(rows), (self.vocab_size + 31) // 32), dtype=np.int32)
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)],
                                                      bitmask)
-        return rows, bitmask
+        return rows, torch.from_numpy(bitmask)
 
 
 def apply_grammar_mask(logits: torch.Tensor, mask: tuple[list[int], torch.Tensor]) -> None:
