@@ -123,8 +123,9 @@ def engine(folder: Path, dtype: str, args, eager: bool = False):
                        gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_memory=64 * 2**20 if args.device == "cpu" else None)
     e = LLMEngine(str(folder), cfg)
-    if not eager and e.runner.graphs is None and e.device.type == "cpu":
-        # no CUDA graphs on the CPU: run their static buffers and padding uncaptured instead
+    if not eager and e.device.type == "cpu":
+        # no CUDA graphs on the CPU (its own one-call decode step instead): run the graphs'
+        # static buffers and padding uncaptured, to smoke-test them
         sizes = tuple(b for b in cfg.cuda_graph_batch_sizes if b <= cfg.max_num_seqs)
         e.runner.graphs = DecodeGraphs(e.model, e.pool, e.runner.max_blocks, sizes, capture=False)
     return e
