@@ -511,11 +511,11 @@ def main(argv: list[str] | None = None) -> None:
                     candidates.append(make_peer(args, name, checkpoint, ggufs, max(levels), portable=True))
                     timeouts.append(args.llamacpp_start_timeout)
             try:
-                with first_ready(candidates, logs, timeouts) as (server, notes):
+                with first_ready(candidates, logs, timeouts) as (server, passed_over):
                     peer = server.peer
                     servers[name]["impl"] = peer.impl
                     servers[name]["commands"][",".join(map(str, levels))] = peer.command
-                    for note in notes:
+                    for note in passed_over:
                         servers[name].setdefault("notes", []).append(f"concurrency {levels}: {note}")
                     if 1 in levels and not args.skip_prefill:
                         results[name]["prefill"] = bench_level(args, peer, 1, raw, prefill=True)

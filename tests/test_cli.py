@@ -23,7 +23,11 @@ def test_info_prints_the_parameter_count_and_the_12_d2_l_estimate(capsys, tiny_c
     n = cfg.num_parameters()
     assert f"parameters:       {n:,} ({n / 1e6:.1f}M)" in out
     assert f"12*d^2*L:         {12 * 64**2 * 2:,}" in out
-    assert f"weights memory:   {n * 4 / 2**20:.1f} MiB in float32" in out
+    assert "CPU kernels:      " in out
+    code, out, _ = run(capsys, "info", "--model", str(tiny_checkpoint), "--device", "cpu", "--dtype", "float32")
+    assert f"weights memory:   {n * 4 / 2**20:.1f} MiB as held\n" in out  # every weight once, in float32
+    code, out, _ = run(capsys, "info", "--model", str(tiny_checkpoint), "--device", "cpu", "--quantization", "int8")
+    assert "as held (the linear layers and the tied embedding and LM head in int8, once)" in out
 
 
 def test_generate_greedy_prints_the_prompt_and_its_continuation(capsys, tiny_checkpoint, greedy_decode):
