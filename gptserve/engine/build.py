@@ -19,8 +19,8 @@ from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.grammar import GrammarCompiler
 from gptserve.engine.limits import EngineLimits
 from gptserve.engine.model_runner import ModelRunner
-from gptserve.engine.placement import (Precision, bind_device, kv_cache_bytes, profile_gpu_memory,
-                                      release_freed_memory, resolve_device, resolve_precision)
+from gptserve.engine.placement import (Precision, bind_device, kv_cache_bytes, profile_gpu_memory, resolve_device,
+                                      resolve_precision)
 from gptserve.engine.proposers import build_proposer
 from gptserve.engine.sampler import Sampler
 from gptserve.engine.scheduler import Scheduler
@@ -28,9 +28,9 @@ from gptserve.engine.speculative import Speculator
 from gptserve.model.attention import KVPool
 from gptserve.model.cpu_kernels import cpu_kernel_variant, paged_decode
 from gptserve.model.gpt2 import GPT2
-from gptserve.model.panel_linear import panels_for_cpu
+from gptserve.model.panel_linear import cpu_weight_format, panels_for_cpu
 from gptserve.model.tokenizer import Tokenizer
-from gptserve.weights.loader import load_model, resolve_model_path
+from gptserve.weights.loader import load_model, release_freed_memory, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ def build_parts(model: str | None, config: EngineConfig, loaded: tuple[GPT2, Tok
     if loaded is None:
         path = resolve_model_path(model)
         tokenizer = Tokenizer.from_folder(path)  # first: a bad tokenizer fails before the long load
-        gpt2 = load_model(path, device, dtype)
+        # on the CPU the weights go into panels as they load (one float32 layer at a time)
+        weights = cpu_weight_format(precision.weights) if device.type == "cpu" else None
+        gpt2 = load_model(path, device, dtype, weights)
     else:
         gpt2, tokenizer = loaded
     mc = gpt2.config

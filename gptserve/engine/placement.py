@@ -2,7 +2,6 @@
 what remains after a profiled warm-up step); binding a thread to its GPU."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import re
 from dataclasses import dataclass
@@ -97,16 +96,6 @@ def resolve_precision(dtype: str, quantization: str | None, device: torch.device
     if dtype == "auto":  # the kernel is compiled (or its cached build loaded) on first use
         return Precision(torch.float32, "bfloat16" if panel_kernels() is not None else "float32")
     return Precision(torch.float32, str(compute).removeprefix("torch."))
-
-
-def release_freed_memory() -> None:
-    """Hand the memory the C library keeps after frees back to the system (glibc's
-    malloc_trim): loading float32 weights and converting them leaves ~50-100 MB of freed but
-    resident heap otherwise. A no-op where there is no glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def bind_device(device: torch.device) -> None:

@@ -36,24 +36,36 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "int8": torch.int8}
-CHUNK = 4096  # output channels widened at a time without the kernels (12 MB for GPT-2's 768 inputs)
+CHUNK = 4096  # output channels at a time: quantized, put into panels, widened without the kernels
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (q, scale) with weight ~= q * scale[:, None]."""
-    weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    """Symmetric per-output-channel int8: (q, scale) with weight ~= q * scale[:, None]. A
+    chunk of rows at a time, so a large weight (the embedding) needs no full-size temporaries."""
+    weight = weight.detach()
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for o in range(0, weight.shape[0], CHUNK):
+        w = weight[o:o + CHUNK].float()
+        s = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        q[o:o + CHUNK] = torch.round(w / s[:, None]).clamp(-127, 127)
+        scale[o:o + CHUNK] = s
     return q, scale
 
 
-def to_panels(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) -> (ceil(N / 16), K, 16): 16 output channels side by side, zero-padded."""
+def to_panels(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(N, K) -> (ceil(N / 16), K, 16) in `dtype` (default: the weight's): 16 output channels
+    side by side, zero-padded. Written a chunk of rows at a time (no full-size temporary)."""
     n, k = weight.shape
-    p = -(-n // PANEL)
-    if p * PANEL != n:
-        weight = torch.cat([weight, weight.new_zeros(p * PANEL - n, k)])
-    return weight.view(p, PANEL, k).transpose(1, 2).contiguous()
+    out = torch.zeros(-(-n // PANEL), k, PANEL, dtype=dtype or weight.dtype, device=weight.device)
+    for o in range(0, n, CHUNK):  # CHUNK is a multiple of PANEL
+        rows = weight[o:o + CHUNK]
+        whole = rows.shape[0] // PANEL
+        block = out[o // PANEL:]
+        block[:whole].copy_(rows[:whole * PANEL].reshape(whole, PANEL, k).transpose(1, 2))
+        if rows.shape[0] % PANEL:
+            block[whole, :, :rows.shape[0] % PANEL].copy_(rows[whole * PANEL:].T)
+    return out
 
 
 def from_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
@@ -73,8 +85,8 @@ class PanelLinear(nn.Module):
         if fmt == "int8":
             q, scale = quantize_int8(weight)
         else:
-            q, scale = weight.detach().to(WEIGHT_FORMATS[fmt]), None
-        self.register_buffer("panels", to_panels(q))
+            q, scale = weight.detach(), None
+        self.register_buffer("panels", to_panels(q, WEIGHT_FORMATS[fmt]))
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self._kernels = panel_kernels()
@@ -130,12 +142,20 @@ class PanelEmbedding(nn.Module):
         return self.head[0].rows(ids)
 
 
+def cpu_weight_format(fmt: str) -> str | None:
+    """The format to hold a CPU model's weights in (for the loader, which converts as it
+    loads), or None where nn.Linear stays: float32 without the kernels."""
+    return None if fmt == "float32" and panel_kernels() is None else fmt
+
+
 def panels_for_cpu(model: nn.Module, fmt: str) -> bool:
     """Every linear layer of `model`, and its tied LM head and embedding, held as `fmt` in
     panels; call once, after the float32 weights are loaded, which are freed. False (nothing
     changed) for float32 without the kernels, where nn.Linear is as good."""
     if fmt == "float32" and panel_kernels() is None:
         return False
+    if isinstance(model.wte, PanelEmbedding):  # done already (the loader converts as it loads)
+        return True
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):

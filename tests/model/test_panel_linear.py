@@ -245,3 +245,26 @@ def test_the_best_variant_the_cpu_runs_is_the_one_in_use():
     assert kernels.simd() == kernels.variants()[0] and kernels.variants()[-1] == "scalar"
     with pytest.raises(RuntimeError, match="cannot run the neon kernels"):
         kernels.use_variant("neon")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_loading_into_panels_layer_by_layer_gives_the_same_model(fmt, tiny_checkpoint):
+    """The loader puts each linear layer into panels as soon as it is loaded (so it never
+    holds the whole float32 model): the same tensors as converting after loading."""
+    streamed = load_model(tiny_checkpoint, weights=fmt)
+    after = load_model(tiny_checkpoint)
+    assert panels_for_cpu(after, fmt)
+    assert panels_for_cpu(streamed, fmt)  # already done: nothing changes
+    assert not any(isinstance(m, nn.Linear) for m in streamed.modules())
+    assert isinstance(streamed.wte, PanelEmbedding) and streamed.wte.head[0] is streamed.lm_head
+    got, want = dict(streamed.named_buffers()), dict(after.named_buffers())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert {k for k, _ in streamed.named_parameters()} == {k for k, _ in after.named_parameters()}
+
+
+def test_quantizing_and_packing_a_chunk_at_a_time_matches_the_whole_tensor():
+    w = torch.randn(9000, 24, generator=torch.Generator().manual_seed(2))  # past two chunks, not whole panels
+    q, scale = quantize_int8(w)
+    want = (w / (w.abs().amax(dim=1) / 127.0)[:, None]).round().clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q, want) and torch.equal(scale, w.abs().amax(dim=1) / 127.0)
+    assert torch.equal(from_panels(to_panels(w, torch.bfloat16), 9000), w.to(torch.bfloat16))
