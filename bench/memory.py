@@ -2,7 +2,8 @@
 
 For each peer: start the server on 127.0.0.1 with a small KV cache (gptserve
 --kv-cache-memory 64MiB; llama-server one slot of 1,024 tokens), serve one request of 32
-tokens, then read the process's resident set (VmRSS) and its peak (VmHWM) from /proc. The
+tokens, then read the process's resident set (VmRSS) and its peak (VmHWM) from /proc, and
+the peak of its anonymous memory while it started (sampled; see AnonPeak). The
 model's memory is that RSS minus an empty process's: Python with torch imported, for
 gptserve (llama.cpp's own baseline is a few MB and is not subtracted). Also the model's
 tensor bytes as held (the engine's weights, no KV) for gptserve, against the checkpoint's
@@ -21,6 +22,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,13 +39,30 @@ KV = "64MiB"
 
 
 def status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of `pid`, in bytes."""
+    """VmRSS, VmHWM (peak RSS) and RssAnon of `pid`, in bytes."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon"):
             out[key] = int(value.split()[0]) * 1024
     return out
+
+
+class AnonPeak(threading.Thread):
+    """The largest anonymous resident memory of `pid` seen while it starts (sampled every 10
+    ms): the peak RSS also counts the checkpoint file's pages, mapped while it is read,
+    which the system can drop; anonymous memory it cannot."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.01):
+            try:
+                self.peak = max(self.peak, status(self.pid)["RssAnon"])
+            except (OSError, KeyError):
+                return
 
 
 def baseline() -> int:
@@ -79,13 +98,16 @@ def held_bytes(checkpoint: Path, name: str) -> tuple[int, int]:
 
 def served_rss(peer: Peer, log: Path, model_name: str) -> dict[str, int]:
     with Server(peer, log) as server:
+        sampler = AnonPeak(server.proc.pid)
+        sampler.start()
         server.wait_ready(300)
+        sampler.done.set()
         r = httpx.post(f"http://127.0.0.1:{peer.port}/v1/completions", timeout=120, trust_env=False,
                        json={"model": model_name, "prompt": "The quick brown fox", "max_tokens": 32,
                              "temperature": 0, "ignore_eos": True})
         r.raise_for_status()
         time.sleep(0.5)
-        return status(server.proc.pid)
+        return {**status(server.proc.pid), "anon_peak": sampler.peak}
 
 
 def main() -> None:
@@ -120,7 +142,8 @@ def main() -> None:
                    "-t", str(args.threads), "-np", "1", "-c", "1024", "-ctk", "f32", "-ctv", "f32", "--no-webui",
                    "-a", "m"]
             rss = served_rss(Peer(name, "llama-server", cmd, port), work / f"{name}.log", "m")
-            row = {"peer": name, "rss": rss["VmRSS"], "peak": rss["VmHWM"], "model_memory": rss["VmRSS"]}
+            row = {"peer": name, "rss": rss["VmRSS"], "peak": rss["VmHWM"], "anon_peak": rss["anon_peak"],
+                   "model_memory": rss["VmRSS"]}
         else:
             port = free_port()
             cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--model", str(folder), *GPTSERVE_PRECISION[name],
@@ -128,10 +151,11 @@ def main() -> None:
             env = {"OMP_NUM_THREADS": str(args.threads)}
             rss = served_rss(Peer(name, "gptserve", cmd, port, env), work / f"{name}.log", str(folder))
             held, float32 = held_bytes(folder, name)
-            row = {"peer": name, "rss": rss["VmRSS"], "peak": rss["VmHWM"], "model_memory": rss["VmRSS"] - base,
-                   "tensor_bytes": held, "checkpoint_float32_bytes": float32}
+            row = {"peer": name, "rss": rss["VmRSS"], "peak": rss["VmHWM"], "anon_peak": rss["anon_peak"],
+                   "model_memory": rss["VmRSS"] - base, "tensor_bytes": held, "checkpoint_float32_bytes": float32}
         rows.append(row)
-        print(f"{PEER_TITLES[name]:<28} RSS {row['rss'] / 2**20:7.0f} MiB (peak {row['peak'] / 2**20:6.0f}); "
+        print(f"{PEER_TITLES[name]:<28} RSS {row['rss'] / 2**20:7.0f} MiB (peak {row['peak'] / 2**20:6.0f}, "
+              f"anonymous {row['anon_peak'] / 2**20:5.0f}); "
               f"model memory {row['model_memory'] / 2**20:6.0f} MiB"
               + (f"; tensors {row['tensor_bytes'] / 2**20:.0f} MiB of the checkpoint's float32 "
                  f"{row['checkpoint_float32_bytes'] / 2**20:.0f} MiB" if "tensor_bytes" in row else ""), flush=True)
