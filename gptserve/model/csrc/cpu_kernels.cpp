@@ -134,7 +134,8 @@ inline void finish(const float* sums, int64_t o0, int64_t n, const float* scale,
 // vectors) and scalar (std::fma, one lane at a time). Each sums every output in the same
 // order with correctly rounded fused multiply-adds, so all three give the same bits; the
 // tests check each this CPU can run against scalar. Each is compiled for its instruction
-// set whatever the compiler's default target (GCC's target pragma).
+// set whatever the compiler's default target (GCC's target pragma; built by clang, only the
+// scalar loop).
 struct Scalar {
   static constexpr const char* name = "scalar";
   template <typename T, int R, int G>
@@ -160,7 +161,7 @@ struct Scalar {
   }
 };
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // GCC's target pragmas
 #include <immintrin.h>
 #define GPTSERVE_X86 1
 #pragma GCC push_options
