@@ -152,7 +152,7 @@ def panels_for_cpu(model: nn.Module, fmt: str) -> bool:
     """Every linear layer of `model`, and its tied LM head and embedding, held as `fmt` in
     panels; call once, after the float32 weights are loaded, which are freed. False (nothing
     changed) for float32 without the kernels, where nn.Linear is as good."""
-    if fmt == "float32" and panel_kernels() is None:
+    if cpu_weight_format(fmt) is None:
         return False
     if isinstance(model.wte, PanelEmbedding):  # done already (the loader converts as it loads)
         return True

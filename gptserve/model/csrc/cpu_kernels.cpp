@@ -106,13 +106,12 @@ torch::Tensor row_argmax(torch::Tensor logits) {
 // then y = sum * scale + bias: the same operations in the same order whatever the number of
 // rows, whichever path below ran and whichever instruction set, so a row's result never
 // depends on the batch it came in (float32 rounding included).
-//   up to FEW rows: each weight is widened to float32 in registers as it is read; several
+//   up to four rows (few_rows): each weight is widened to float32 in registers as it is read; several
 //     panels at once keep enough independent sums in flight to hide the FMA latency. Bound
 //     by reading the weights, so weights held in fewer bytes are read faster.
-//   more rows: each thread widens one panel into a float32 buffer (L2-sized) and multiplies
+//   more rows (many_rows): each thread widens one panel into a float32 buffer (L2-sized) and multiplies
 //     every row by it, six rows at a time: compute-bound, the widening paid once per panel.
 constexpr int64_t PANEL = 16;
-constexpr int64_t FEW = 4;
 struct BF16 { uint16_t bits; };
 struct F16 { uint16_t bits; };
 inline float widen(float w) { return w; }
