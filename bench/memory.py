@@ -33,7 +33,7 @@ sys.path.insert(0, str(BENCH))
 
 from compare import (CACHE, LLAMACPP_OUTTYPE, GPTSERVE_PRECISION, PEER_TITLES, Peer, Server,  # noqa: E402
                      cpu_line, free_port, llama_server, make_gguf, versions)
-from offline import SHAPES, make_checkpoint  # noqa: E402
+from offline import make_checkpoint  # noqa: E402
 
 KV = "64MiB"
 
