@@ -160,6 +160,132 @@ struct Scalar {
   }
 };
 
+// ---- dot-product variants: activations in the weights' format ----------------------------
+// CPUs with AVX512-BF16 and VNNI multiply 16-bit and 8-bit numbers directly: vdpbf16ps adds
+// two bfloat16 products to each float32 lane, vpdpbusd four 8-bit products to each int32
+// lane. The `avx512_dot` variant uses them for bfloat16 and int8 weights, with the
+// activations in the weights' format too: rounded to bfloat16, or quantized to int8 with one
+// scale per QBLOCK values of a row (as llama.cpp's Q8_0 does). These are not the widening
+// variants' numbers (each activation is rounded once more), but they too are the same in any
+// batch: a row is rounded on its own, integer sums are exact, and float sums run in one
+// fixed order. `scalar_dot` is the reference: the same arithmetic one lane at a time, the
+// same bits on any CPU. float32 and float16 weights, and layers whose K is not a multiple of
+// the instruction's group (2 or 4), keep the widening path.
+constexpr int64_t QBLOCK = 32;
+
+// One call's rows, prepared once for the dot kernels.
+struct DotRows {
+  int64_t K = 0, blocks = 0;
+  std::vector<uint32_t> pairs;  // bfloat16 weights: (M, K/2), x[2i] in the low half, x[2i+1] in the high
+  std::vector<int8_t> q;        // int8 weights: (M, K), x / qscale rounded to nearest
+  std::vector<float> qscale;    // (M, blocks): a block's largest |x| / 127 (NaN where it holds inf or NaN)
+  std::vector<int32_t> qsum;    // (M, blocks): the block's sum of q
+};
+
+inline uint16_t to_bf16(float f) {  // round to nearest even; a NaN stays a NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline DotRows bf16_rows(const float* x, int64_t M, int64_t K) {
+  DotRows d;
+  d.K = K;
+  d.pairs.resize(M * K / 2);
+  uint32_t* out = d.pairs.data();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * K / 2; i < end * K / 2; ++i)
+      out[i] = uint32_t(to_bf16(x[2 * i])) | uint32_t(to_bf16(x[2 * i + 1])) << 16;
+  });
+  return d;
+}
+
+inline DotRows int8_rows(const float* x, int64_t M, int64_t K) {
+  DotRows d;
+  d.K = K;
+  d.blocks = (K + QBLOCK - 1) / QBLOCK;
+  d.q.resize(M * K);
+  d.qscale.resize(M * d.blocks);
+  d.qsum.resize(M * d.blocks);
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t b = 0; b < d.blocks; ++b) {
+        const int64_t k0 = b * QBLOCK, k1 = std::min(K, k0 + QBLOCK);
+        const float* xb = x + r * K;
+        float amax = 0.f;
+        bool finite = true;
+        for (int64_t k = k0; k < k1; ++k) {
+          finite = finite && std::isfinite(xb[k]);
+          amax = std::max(amax, std::fabs(xb[k]));
+        }
+        const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+        int32_t sum = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int32_t v = finite ? int32_t(std::nearbyint(std::min(127.f, std::max(-127.f, xb[k] * inv)))) : 0;
+          d.q[r * K + k] = int8_t(v);
+          sum += v;
+        }
+        d.qscale[r * d.blocks + b] = finite ? amax / 127.f : NAN;
+        d.qsum[r * d.blocks + b] = sum;
+      }
+  });
+  return d;
+}
+
+// The reference: per output lane, vdpbf16ps's arithmetic (the odd product added first, then the
+// even one, each sum rounded to nearest; bfloat16 inputs and float32 results that are
+// subnormal count as zero) and vpdpbusd's exact integer sums, scaled block by block.
+struct ScalarDot {
+  static constexpr const char* name = "scalar_dot";
+  static float daz(uint16_t bits) {
+    if ((bits & 0x7f80u) == 0) bits &= 0x8000u;
+    return widen(BF16{bits});
+  }
+  static float ftz(float v) { return std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.f, v) : v; }
+  // R rows (from `r0`) by G panels: sums (R, G * 16); weights in their panels (P, K, 16)
+  template <int R, int G>
+  static void direct_block(const DotRows& x, int64_t r0, const BF16* w, float* sums) {
+    const int64_t K = x.K, K2 = K / 2;
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g)
+        for (int64_t j = 0; j < PANEL; ++j) {
+          const BF16* col = w + g * K * PANEL + j;
+          const uint32_t* xr = x.pairs.data() + (r0 + r) * K2;
+          float acc = 0.f;
+          for (int64_t i = 0; i < K2; ++i) {
+            acc = ftz(acc + daz(col[(2 * i + 1) * PANEL].bits) * daz(uint16_t(xr[i] >> 16)));
+            acc = ftz(acc + daz(col[2 * i * PANEL].bits) * daz(uint16_t(xr[i] & 0xffffu)));
+          }
+          sums[r * G * PANEL + g * PANEL + j] = acc;
+        }
+  }
+  template <int R, int G>
+  static void direct_block(const DotRows& x, int64_t r0, const int8_t* w, float* sums) {
+    const int64_t K = x.K;
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g)
+        for (int64_t j = 0; j < PANEL; ++j) {
+          const int8_t* col = w + g * K * PANEL + j;
+          const int8_t* xr = x.q.data() + (r0 + r) * K;
+          float acc = 0.f;
+          for (int64_t b = 0; b < x.blocks; ++b) {
+            int32_t isum = 0;
+            for (int64_t k = b * QBLOCK; k < std::min(K, (b + 1) * QBLOCK); ++k) isum += int32_t(col[k * PANEL]) * xr[k];
+            acc = std::fma(float(isum), x.qscale[(r0 + r) * x.blocks + b], acc);
+          }
+          sums[r * G * PANEL + g * PANEL + j] = acc;
+        }
+  }
+  // many rows: the panel as it is, read by the same loop
+  template <typename T>
+  static void prepare_panel(const T* w, int64_t K, T* out) { std::memcpy(out, w, K * PANEL * sizeof(T)); }
+  template <typename T, int R>
+  static void buffered_block(const DotRows& x, int64_t r0, const T* panel, float* sums) {
+    direct_block<R, 1>(x, r0, panel, sums);
+  }
+};
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // GCC's target pragmas
 #include <immintrin.h>
 #define GPTSERVE_X86 1
@@ -266,6 +392,97 @@ struct Avx512 {
   }
 };
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx512bf16,avx2,fma,f16c")
+struct Avx512Dot {
+  static constexpr const char* name = "avx512_dot";
+  // A panel's rows k, k+1 of bfloat16 (64 contiguous bytes) -> lane j: (w[k][j], w[k+1][j])
+  static __m512i pairs(const BF16* w) {
+    alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    return _mm512_permutexvar_epi16(_mm512_load_si512(order), _mm512_loadu_si512(w));
+  }
+  // rows k..k+3 of int8 (64 bytes) -> lane j: (w[k][j], ..., w[k+3][j]), each + 128 (vpdpbusd's
+  // first operand is unsigned; the sums are corrected by 128 * the block's sum of x)
+  static __m512i quads(const int8_t* w) {
+    alignas(64) static const uint8_t order[64] = {
+        0,  16, 32, 48, 1,  17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51, 4,  20, 36, 52, 5,  21,
+        37, 53, 6,  22, 38, 54, 7,  23, 39, 55, 8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58,
+        11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+    return _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_load_si512(order), _mm512_loadu_si512(w)),
+                            _mm512_set1_epi8(char(0x80)));
+  }
+  // R rows by G panels, `load(g, i)` giving panel g's pairs (or quads) i: sums (R, G * 16)
+  template <int R, int G, class Load>
+  static void bf16_block(const DotRows& x, int64_t r0, Load load, float* sums) {
+    const int64_t K2 = x.K / 2;
+    __m512 acc[R][G];
+    for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+    const uint32_t* xr = x.pairs.data() + r0 * K2;
+    for (int64_t i = 0; i < K2; ++i) {
+      __m512i wv[G];
+      for (int g = 0; g < G; ++g) wv[g] = load(g, i);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xr[r * K2 + i]));
+        for (int g = 0; g < G; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], (__m512bh)wv[g], xb);
+      }
+    }
+    for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) _mm512_storeu_ps(sums + r * G * PANEL + g * PANEL, acc[r][g]);
+  }
+  template <int R, int G, class Load>
+  static void int8_block(const DotRows& x, int64_t r0, Load load, float* sums) {
+    const int64_t K = x.K;
+    __m512 acc[R][G];
+    for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < x.blocks; ++b) {
+      __m512i isum[R][G];
+      for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) isum[r][g] = _mm512_setzero_si512();
+      for (int64_t i = b * QBLOCK / 4; i < std::min(K, (b + 1) * QBLOCK) / 4; ++i) {
+        __m512i wv[G];
+        for (int g = 0; g < G; ++g) wv[g] = load(g, i);
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, x.q.data() + (r0 + r) * K + 4 * i, 4);
+          const __m512i xb = _mm512_set1_epi32(four);
+          for (int g = 0; g < G; ++g) isum[r][g] = _mm512_dpbusd_epi32(isum[r][g], wv[g], xb);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i offset = _mm512_set1_epi32(128 * x.qsum[(r0 + r) * x.blocks + b]);
+        const __m512 s = _mm512_set1_ps(x.qscale[(r0 + r) * x.blocks + b]);
+        for (int g = 0; g < G; ++g)
+          acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r][g], offset)), s, acc[r][g]);
+      }
+    }
+    for (int r = 0; r < R; ++r) for (int g = 0; g < G; ++g) _mm512_storeu_ps(sums + r * G * PANEL + g * PANEL, acc[r][g]);
+  }
+  // few rows: the panels as they are held, regrouped in registers
+  template <int R, int G>
+  static void direct_block(const DotRows& x, int64_t r0, const BF16* w, float* sums) {
+    const int64_t K = x.K;
+    bf16_block<R, G>(x, r0, [&](int g, int64_t i) { return pairs(w + g * K * PANEL + 2 * i * PANEL); }, sums);
+  }
+  template <int R, int G>
+  static void direct_block(const DotRows& x, int64_t r0, const int8_t* w, float* sums) {
+    const int64_t K = x.K;
+    int8_block<R, G>(x, r0, [&](int g, int64_t i) { return quads(w + g * K * PANEL + 4 * i * PANEL); }, sums);
+  }
+  // many rows: a panel regrouped once into a buffer, then read as it is
+  static void prepare_panel(const BF16* w, int64_t K, BF16* out) {
+    for (int64_t i = 0; i < K / 2; ++i) _mm512_storeu_si512(out + 2 * i * PANEL, pairs(w + 2 * i * PANEL));
+  }
+  static void prepare_panel(const int8_t* w, int64_t K, int8_t* out) {
+    for (int64_t i = 0; i < K / 4; ++i) _mm512_storeu_si512(out + 4 * i * PANEL, quads(w + 4 * i * PANEL));
+  }
+  template <typename T, int R>
+  static void buffered_block(const DotRows& x, int64_t r0, const T* panel, float* sums) {
+    const auto load = [&](int, int64_t i) { return _mm512_loadu_si512(panel + 64 / sizeof(T) * i); };
+    if constexpr (std::is_same<T, BF16>::value) bf16_block<R, 1>(x, r0, load, sums);
+    else int8_block<R, 1>(x, r0, load, sums);
+  }
+};
+#pragma GCC pop_options
 #endif
 
 // The variants this CPU can run, best first, and the one in use (best, unless
@@ -274,6 +491,11 @@ std::vector<std::string> variants() {
   std::vector<std::string> names;
 #ifdef GPTSERVE_X86
   __builtin_cpu_init();
+  const bool dot = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                   __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni") &&
+                   __builtin_cpu_supports("avx512bf16");
+  if (dot && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    names.push_back(Avx512Dot::name);
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
       __builtin_cpu_supports("avx2"))
     names.push_back(Avx512::name);
@@ -281,6 +503,7 @@ std::vector<std::string> variants() {
     names.push_back(Avx2::name);
 #endif
   names.push_back(Scalar::name);
+  names.push_back(ScalarDot::name);  // the dot variants' reference, any CPU
   return names;
 }
 
@@ -303,10 +526,12 @@ void use_variant(const std::string& name) {
 
 std::string simd() { return variant_in_use(); }
 
-template <class ISA, typename T, int R>
-void few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* scale, const float* bias,
-              float* y, int64_t N) {
-  constexpr int G = R == 1 ? 4 : R == 2 ? 3 : R == 3 ? 2 : 1;  // panels at once: 8 to 12 sums in flight
+// Up to four rows: `block(G, w, sums)` computes R rows by G panels from the panels at w,
+// several panels at once to keep 8 to 12 independent sums in flight.
+template <int R, typename T, class Block>
+void few_rows(const T* w, int64_t K, int64_t P, const float* scale, const float* bias, float* y, int64_t N,
+              Block block) {
+  constexpr int G = R == 1 ? 4 : R == 2 ? 3 : R == 3 ? 2 : 1;
   const int64_t groups = (P + G - 1) / G;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     float sums[R * 4 * PANEL];
@@ -314,10 +539,10 @@ void few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* sca
       const int64_t p0 = gi * G, here = std::min<int64_t>(G, P - p0);
       const T* wp = w + p0 * K * PANEL;
       switch (here) {  // the last group may hold fewer panels
-        case 4: ISA::template direct_block<T, R, 4>(x, K, wp, sums); break;
-        case 3: ISA::template direct_block<T, R, 3>(x, K, wp, sums); break;
-        case 2: ISA::template direct_block<T, R, 2>(x, K, wp, sums); break;
-        default: ISA::template direct_block<T, R, 1>(x, K, wp, sums); break;
+        case 4: block(std::integral_constant<int, 4>{}, wp, sums); break;
+        case 3: block(std::integral_constant<int, 3>{}, wp, sums); break;
+        case 2: block(std::integral_constant<int, 2>{}, wp, sums); break;
+        default: block(std::integral_constant<int, 1>{}, wp, sums); break;
       }
       for (int r = 0; r < R; ++r)
         for (int64_t q = 0; q < here; ++q) {
@@ -328,32 +553,27 @@ void few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* sca
   });
 }
 
-template <class ISA, typename T>
-void many_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* scale,
-               const float* bias, float* y, int64_t N) {
+// More rows: each thread takes a panel, `prepare(w, buffer)` gives it in the form the block reads
+// (widened to float32, or regrouped for the dot instructions), then `block(R, r0, panel, sums)`
+// multiplies rows r0.. by it, six at a time.
+template <typename B, typename T, class Prepare, class Block>
+void many_rows(int64_t M, int64_t K, const T* w, int64_t P, const float* scale, const float* bias, float* y, int64_t N,
+               Prepare prepare, Block block) {
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(std::is_same<T, float>::value ? 0 : K * PANEL);
+    std::vector<B> buffer;
     float sums[6 * PANEL];
     for (int64_t p = begin; p < end; ++p) {
-      const T* wp = w + p * K * PANEL;
-      const float* panel;
-      if constexpr (std::is_same<T, float>::value) {
-        panel = wp;
-      } else {
-        ISA::widen_panel(wp, K * PANEL, buffer.data());
-        panel = buffer.data();
-      }
+      const B* panel = prepare(w + p * K * PANEL, buffer);
       const int64_t o0 = p * PANEL, width = std::min<int64_t>(PANEL, N - o0);
       for (int64_t r0 = 0; r0 < M; r0 += 6) {
         const int64_t rows = std::min<int64_t>(6, M - r0);
-        const float* xr = x + r0 * K;
         switch (rows) {
-          case 6: ISA::template buffered_block<6>(xr, K, panel, sums); break;
-          case 5: ISA::template buffered_block<5>(xr, K, panel, sums); break;
-          case 4: ISA::template buffered_block<4>(xr, K, panel, sums); break;
-          case 3: ISA::template buffered_block<3>(xr, K, panel, sums); break;
-          case 2: ISA::template buffered_block<2>(xr, K, panel, sums); break;
-          default: ISA::template buffered_block<1>(xr, K, panel, sums); break;
+          case 6: block(std::integral_constant<int, 6>{}, r0, panel, sums); break;
+          case 5: block(std::integral_constant<int, 5>{}, r0, panel, sums); break;
+          case 4: block(std::integral_constant<int, 4>{}, r0, panel, sums); break;
+          case 3: block(std::integral_constant<int, 3>{}, r0, panel, sums); break;
+          case 2: block(std::integral_constant<int, 2>{}, r0, panel, sums); break;
+          default: block(std::integral_constant<int, 1>{}, r0, panel, sums); break;
         }
         for (int64_t r = 0; r < rows; ++r) finish(sums + r * PANEL, o0, width, scale, bias, y + (r0 + r) * N);
       }
@@ -361,27 +581,85 @@ void many_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t P, cons
   });
 }
 
-template <class ISA, typename T>
-void panel_linear_isa(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* s,
-                      const float* b, float* y, int64_t N) {
-  switch (M) {
-    case 1: return few_rows<ISA, T, 1>(x, K, w, P, s, b, y, N);
-    case 2: return few_rows<ISA, T, 2>(x, K, w, P, s, b, y, N);
-    case 3: return few_rows<ISA, T, 3>(x, K, w, P, s, b, y, N);
-    case 4: return few_rows<ISA, T, 4>(x, K, w, P, s, b, y, N);
-    default: return many_rows<ISA, T>(x, M, K, w, P, s, b, y, N);
-  }
+template <class ISA, typename T, int R>
+void widening_few_rows(const float* x, int64_t K, const T* w, int64_t P, const float* s, const float* b, float* y,
+                       int64_t N) {
+  few_rows<R>(w, K, P, s, b, y, N, [&](auto g, const T* wp, float* sums) {
+    ISA::template direct_block<T, R, decltype(g)::value>(x, K, wp, sums);
+  });
 }
+
+template <class ISA, typename T>
+void widening_linear(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* s, const float* b,
+                     float* y, int64_t N) {
+  switch (M) {
+    case 1: return widening_few_rows<ISA, T, 1>(x, K, w, P, s, b, y, N);
+    case 2: return widening_few_rows<ISA, T, 2>(x, K, w, P, s, b, y, N);
+    case 3: return widening_few_rows<ISA, T, 3>(x, K, w, P, s, b, y, N);
+    case 4: return widening_few_rows<ISA, T, 4>(x, K, w, P, s, b, y, N);
+  }
+  const auto widened = [&](const T* wp, std::vector<float>& buffer) -> const float* {
+    if constexpr (std::is_same<T, float>::value) {
+      return wp;
+    } else {
+      buffer.resize(K * PANEL);
+      ISA::widen_panel(wp, K * PANEL, buffer.data());
+      return buffer.data();
+    }
+  };
+  many_rows<float>(M, K, w, P, s, b, y, N, widened, [&](auto rows, int64_t r0, const float* panel, float* sums) {
+    ISA::template buffered_block<decltype(rows)::value>(x + r0 * K, K, panel, sums);
+  });
+}
+
+template <class ISA, typename T, int R>
+void dot_few_rows(const DotRows& x, const T* w, int64_t P, const float* s, const float* b, float* y, int64_t N) {
+  few_rows<R>(w, x.K, P, s, b, y, N, [&](auto g, const T* wp, float* sums) {
+    ISA::template direct_block<R, decltype(g)::value>(x, 0, wp, sums);
+  });
+}
+
+template <class ISA, typename T>
+void dot_linear(const float* xf, int64_t M, int64_t K, const T* w, int64_t P, const float* s, const float* b, float* y,
+                int64_t N) {
+  const DotRows x = std::is_same<T, BF16>::value ? bf16_rows(xf, M, K) : int8_rows(xf, M, K);
+  switch (M) {
+    case 1: return dot_few_rows<ISA, T, 1>(x, w, P, s, b, y, N);
+    case 2: return dot_few_rows<ISA, T, 2>(x, w, P, s, b, y, N);
+    case 3: return dot_few_rows<ISA, T, 3>(x, w, P, s, b, y, N);
+    case 4: return dot_few_rows<ISA, T, 4>(x, w, P, s, b, y, N);
+  }
+  const auto regrouped = [&](const T* wp, std::vector<T>& buffer) -> const T* {
+    buffer.resize(K * PANEL);
+    ISA::prepare_panel(wp, K, buffer.data());
+    return buffer.data();
+  };
+  many_rows<T>(M, K, w, P, s, b, y, N, regrouped, [&](auto rows, int64_t r0, const T* panel, float* sums) {
+    ISA::template buffered_block<T, decltype(rows)::value>(x, r0, panel, sums);
+  });
+}
+
+// bfloat16 weights take the dot path where K is even, int8 ones where K is a multiple of 4
+template <typename T>
+constexpr int64_t dot_group() { return std::is_same<T, BF16>::value ? 2 : std::is_same<T, int8_t>::value ? 4 : 0; }
 
 template <typename T>
 void panel_linear_t(const float* x, int64_t M, int64_t K, const T* w, int64_t P, const float* s,
                     const float* b, float* y, int64_t N) {
   const std::string& v = variant_in_use();
+  if constexpr (dot_group<T>() > 0) {
+    if (K % dot_group<T>() == 0) {
 #ifdef GPTSERVE_X86
-  if (v == Avx512::name) return panel_linear_isa<Avx512, T>(x, M, K, w, P, s, b, y, N);
-  if (v == Avx2::name) return panel_linear_isa<Avx2, T>(x, M, K, w, P, s, b, y, N);
+      if (v == Avx512Dot::name) return dot_linear<Avx512Dot, T>(x, M, K, w, P, s, b, y, N);
 #endif
-  return panel_linear_isa<Scalar, T>(x, M, K, w, P, s, b, y, N);
+      if (v == ScalarDot::name) return dot_linear<ScalarDot, T>(x, M, K, w, P, s, b, y, N);
+    }
+  }
+#ifdef GPTSERVE_X86
+  if (v == Avx512::name || v == Avx512Dot::name) return widening_linear<Avx512, T>(x, M, K, w, P, s, b, y, N);
+  if (v == Avx2::name) return widening_linear<Avx2, T>(x, M, K, w, P, s, b, y, N);
+#endif
+  return widening_linear<Scalar, T>(x, M, K, w, P, s, b, y, N);
 }
 
 #define GPTSERVE_BY_FORMAT(dtype, F, ...)                                                          \
