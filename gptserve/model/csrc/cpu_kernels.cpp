@@ -475,11 +475,42 @@ struct Avx512Dot {
   static void prepare_panel(const int8_t* w, int64_t K, int8_t* out) {
     for (int64_t i = 0; i < K / 4; ++i) _mm512_storeu_si512(out + 4 * i * PANEL, quads(w + 4 * i * PANEL));
   }
+  // (one-dimensional sums: with [R][1] arrays GCC keeps the last sum in memory, a store and a
+  // load on every step of its chain)
   template <typename T, int R>
   static void buffered_block(const DotRows& x, int64_t r0, const T* panel, float* sums) {
-    const auto load = [&](int, int64_t i) { return _mm512_loadu_si512(panel + 64 / sizeof(T) * i); };
-    if constexpr (std::is_same<T, BF16>::value) bf16_block<R, 1>(x, r0, load, sums);
-    else int8_block<R, 1>(x, r0, load, sums);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    if constexpr (std::is_same<T, BF16>::value) {
+      const int64_t K2 = x.K / 2;
+      const uint32_t* xr = x.pairs.data() + r0 * K2;
+      for (int64_t i = 0; i < K2; ++i) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(panel + 2 * i * PANEL);
+        for (int r = 0; r < R; ++r)
+          acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_set1_epi32(int(xr[r * K2 + i])));
+      }
+    } else {
+      const int64_t K = x.K;
+      const int8_t* xr = x.q.data() + r0 * K;
+      for (int64_t b = 0; b < x.blocks; ++b) {
+        __m512i isum[R];
+        for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
+        for (int64_t i = b * QBLOCK / 4; i < std::min(K, (b + 1) * QBLOCK) / 4; ++i) {
+          const __m512i wv = _mm512_loadu_si512(panel + 4 * i * PANEL);
+          for (int r = 0; r < R; ++r) {
+            int32_t four;
+            std::memcpy(&four, xr + r * K + 4 * i, 4);
+            isum[r] = _mm512_dpbusd_epi32(isum[r], wv, _mm512_set1_epi32(four));
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i offset = _mm512_set1_epi32(128 * x.qsum[(r0 + r) * x.blocks + b]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], offset)),
+                                   _mm512_set1_ps(x.qscale[(r0 + r) * x.blocks + b]), acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(sums + r * PANEL, acc[r]);
   }
 };
 #pragma GCC pop_options
