@@ -8,6 +8,7 @@ milliseconds per step at batch 1 against the memory-bandwidth floor, for each pr
 held, over the machine's measured read bandwidth (a read-only pass, not a copy).
 
     python bench/offline.py --num-requests 64 --json bench/results/offline.json
+    python bench/offline.py --skip-throughput --variants avx512_dot,avx512   # floors per kernel variant
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from gptserve.model.cpu_kernels import panel_kernels
 
 SHAPES = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "tiny": (64, 2, 4)}
 
@@ -157,6 +160,9 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true", help="only the batch-1 decode floors")
     ap.add_argument("--precisions", default="float32,bfloat16,int8",
                     help=f"batch-1 decode floors to measure, of {','.join(PRECISIONS)}")
+    ap.add_argument("--variants", default=None,
+                    help="CPU kernel variants to measure each precision under, interleaved (e.g. avx512_dot,avx512); "
+                         "default: the one the CPU picks")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -177,14 +183,19 @@ def main() -> None:
             print(f"transformers: {result['transformers']['tokens_per_s']:8.1f} output tokens/s "
                   f"({result['transformers']['seconds']:.1f} s, batch {args.hf_batch_size})")
             print(f"ratio:        {ratio:.2f}x")
-        bandwidth = read_bandwidth()
         result["decode"] = []
+        kernels = panel_kernels()
+        variants = args.variants.split(",") if args.variants else [kernels.simd() if kernels else None]
         for name in args.precisions.split(","):
-            d = decode_floor(path, args, *PRECISIONS[name], bandwidth)
-            result["decode"].append(d)
-            print(f"batch-1 decode, {d['precision']}: {d['ms_per_step']:.2f} ms/step; floor {d['floor_ms']:.2f} ms "
-                  f"({d['weight_bytes'] / 2**20:.0f} MiB at {d['read_bandwidth_GBps']:.1f} GB/s read); "
-                  f"{d['ratio_to_floor']:.2f}x the floor", flush=True)
+            for variant in variants:  # each beside the others, the bandwidth measured just before
+                if variant:
+                    kernels.use_variant(variant)
+                d = decode_floor(path, args, *PRECISIONS[name], read_bandwidth())
+                d["kernels"] = variant
+                result["decode"].append(d)
+                print(f"batch-1 decode, {d['precision']}, {variant} kernels: {d['ms_per_step']:.2f} ms/step; "
+                      f"floor {d['floor_ms']:.2f} ms ({d['weight_bytes'] / 2**20:.0f} MiB at "
+                      f"{d['read_bandwidth_GBps']:.1f} GB/s read); {d['ratio_to_floor']:.2f}x the floor", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -16,12 +16,16 @@ Linear layers read their weights in the format they are held in (float32, bfloat
 float16 or int8 with a scale per output channel) from panels of 16 output channels
 (`panel_linear`; panel_linear.py says why), widen them to float32 and do float32 math with
 fused multiply-adds, in an order that does not depend on the number of rows. The tied
-embedding's lookup reads the LM head's panels (`panel_rows`). The inner loops come in three
-variants, one picked at start by what the CPU has (cpuid): `avx512` (AVX-512F), `avx2`
-(AVX2 + FMA + F16C) and `scalar` (a plain loop); all sum in the same order with fused
-multiply-adds, so they give the same bits. `simd()` names the one in use (the start-up log
-and `gptserve info` show it), `variants()` those this CPU runs; GPTSERVE_CPU_KERNELS=avx2
-(or scalar) picks a lesser one. `DecodeStack` runs a whole decode step (cpu_decode.py).
+embedding's lookup reads the LM head's panels (`panel_rows`). The inner loops come in
+variants, one picked at start by what the CPU has (cpuid). `avx512` (AVX-512F), `avx2`
+(AVX2 + FMA + F16C) and `scalar` (a plain loop) widen every weight to float32 and sum in the
+same order with fused multiply-adds, so they give the same bits. `avx512_dot` (AVX-512 with
+BF16, VNNI and VBMI) multiplies bfloat16 weights by activations rounded to bfloat16
+(vdpbf16ps) and int8 weights by activations quantized to int8, one scale per 32 values of a
+row (vpdpbusd); `scalar_dot` is its reference, the same bits on any CPU. `simd()` names the
+one in use (the start-up log and `gptserve info` show it), `variants()` those this CPU runs,
+best first; GPTSERVE_CPU_KERNELS=avx512 (or avx2, scalar, ...) picks another. `DecodeStack`
+runs a whole decode step (cpu_decode.py).
 
 The C++ is csrc/cpu_kernels.cpp beside this file (one translation unit, so torch's headers
 are compiled once), built with torch.utils.cpp_extension.load, so compiler errors name its
@@ -72,8 +76,8 @@ def panel_kernels() -> ModuleType | None:
 
 
 def cpu_kernel_variant() -> str:
-    """Which vector code the linear-layer kernels run on this CPU ("avx512", "avx2" or
-    "scalar"), or why there are none."""
+    """Which vector code the linear-layer kernels run on this CPU ("avx512_dot", "avx512",
+    "avx2", "scalar" or "scalar_dot"), or why there are none."""
     module = _module()
     if module is None:
         return "none (disabled by GPTSERVE_NO_KERNELS)" if not kernels_enabled() else "none (no build)"

@@ -128,13 +128,13 @@ inline void finish(const float* sums, int64_t o0, int64_t n, const float* scale,
   }
 }
 
-// Three variants of the inner loops, one chosen at start by what the CPU has (cpuid):
-// avx512 (AVX-512F: a panel row is one 16-lane vector), avx2 (AVX2 + FMA + F16C: two 8-lane
-// vectors) and scalar (std::fma, one lane at a time). Each sums every output in the same
-// order with correctly rounded fused multiply-adds, so all three give the same bits; the
-// tests check each this CPU can run against scalar. Each is compiled for its instruction
-// set whatever the compiler's default target (GCC's target pragma; built by clang, only the
-// scalar loop).
+// Three widening variants of the inner loops, for every format: avx512 (AVX-512F: a panel row
+// is one 16-lane vector), avx2 (AVX2 + FMA + F16C: two 8-lane vectors) and scalar (std::fma,
+// one lane at a time). Each sums every output in the same order with correctly rounded fused
+// multiply-adds, so all three give the same bits; the tests check each this CPU can run
+// against scalar. Each is compiled for its instruction set whatever the compiler's default
+// target (GCC's target pragma; built by clang, only the scalar loop). The dot-product
+// variants, below, replace them for bfloat16 and int8 weights.
 struct Scalar {
   static constexpr const char* name = "scalar";
   template <typename T, int R, int G>
