@@ -16,8 +16,22 @@ from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.placement import resolve_precision
 from gptserve.model.attention import DenseAttention
 from gptserve.model.gpt2 import GPT2
+from gptserve.model.panel_linear import PanelLinear
 
 NEAR_TIE = 1e-4  # batched float rounding may flip only a genuine near-tie
+# With the CPU's dot-product kernels (avx512_dot) the activations of 16- and 8-bit layers are
+# rounded to bfloat16 or int8 first: a last-bit difference upstream (prefill attention where
+# the alone run decoded, after a preemption) can move one activation a whole rounding step
+# (2^-8 of it in bfloat16), so logits agree to about 1e-3 there, not 1e-4.
+DOT_TOLERANCE = 2e-3
+
+
+def tolerance(model: GPT2) -> float:
+    """How far a logprob (and the top-2 gap of a flipped near-tie) may differ from the alone run."""
+    from tests.model.panel_reference import uses_dot_products
+
+    dot = any(uses_dot_products(m) for m in model.modules() if isinstance(m, PanelLinear))
+    return DOT_TOLERANCE if dot else NEAR_TIE
 AUTO = resolve_precision("auto", None, torch.device("cpu"))  # the default precision here
 
 
@@ -100,15 +114,16 @@ def greedy_alone(model: GPT2, prompt: list[int], n: int) -> tuple[list[int], lis
 
 def assert_same_greedy(got: list[int], prompt: list[int], model: GPT2,
                        got_logprobs: list[float] | None = None) -> None:
-    """`got` equals the alone-run tokens (and logprobs within 1e-4, when given), except
+    """`got` equals the alone-run tokens (and logprobs within `tolerance`, when given), except
     after a divergence at a genuine near-tie."""
     want, want_lp, gaps = greedy_alone(model, prompt, len(got))
+    tol = tolerance(model)
     for i, (a, b) in enumerate(zip(got, want)):
         if a != b:
-            assert gaps[i] < NEAR_TIE, f"token {i} differs ({a} vs {b}) with top-2 gap {gaps[i]:.2e}"
+            assert gaps[i] < tol, f"token {i} differs ({a} vs {b}) with top-2 gap {gaps[i]:.2e}"
             return
         if got_logprobs is not None:
-            assert abs(got_logprobs[i] - want_lp[i]) < 1e-4, f"token {i}: logprob {got_logprobs[i]} vs {want_lp[i]}"
+            assert abs(got_logprobs[i] - want_lp[i]) < tol, f"token {i}: logprob {got_logprobs[i]} vs {want_lp[i]}"
     assert len(got) == len(want)
 
 

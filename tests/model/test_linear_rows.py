@@ -1,6 +1,7 @@
 """Every linear path takes any number of rows, none included: 0 rows give an empty
 (0, out_features) answer, and 1, 4 (the most the kernel widens in registers), 5 and many
-rows give the float32 matmul of the weights the layer holds. A step with no row to sample projects zero
+rows give the float32 matmul of the weights the layer holds (on activations rounded to the
+weights' format where the CPU's dot-product kernels run). A step with no row to sample projects zero
 rows; a decode step one to four; a prefill many."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from gptserve.model.cpu_kernels import FEW_ROWS
 from gptserve.model.panel_linear import PanelLinear, panels_for_cpu
 from gptserve.weights.loader import load_model
+from tests.model.panel_reference import kernel_reference
 
 ROWS = [0, 1, FEW_ROWS, FEW_ROWS + 1, 200]
 IN, OUT = 72, 130  # not whole panels of 16 outputs: the last one is padded
@@ -52,7 +54,7 @@ def test_panel_linear(fmt, path, rows, monkeypatch):
     panel = PanelLinear(layer.weight, layer.bias, fmt)
     assert (panel._kernels is not None) == (path == "kernel")
     with torch.inference_mode():
-        assert_projects(panel(x), float32_reference(panel.widened_weight(), panel.bias, x), rows)
+        assert_projects(panel(x), kernel_reference(panel, x), rows)
 
 
 @pytest.mark.parametrize("precision", ["plain", "float32", "bfloat16", "float16", "int8"])

@@ -12,7 +12,6 @@ values) hold to the same tolerances: bfloat16 measured 0.34%, int8 1.81%.
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from gptserve.model.panel_linear import (PanelEmbedding, PanelLinear, from_panel
                                          to_panels)
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.weights.loader import DEFAULT_MODEL_DIR, load_model
+from tests.model.panel_reference import best_variant, dot_reference, kernel_variant, widened_matmul
 from tests.weights.test_default_model import HELD_OUT
 
 FORMATS = ["float32", "bfloat16", "float16", "int8"]
@@ -35,47 +35,6 @@ INT8_MAX_NLL_INCREASE = 0.02  # nats per token on HELD_OUT (measured: -0.0003)
 PROMPTS = ["And the LORD said unto", "In the beginning", "Then spake the king, saying,"]
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 VARIANTS = ["avx512_dot", "avx512", "avx2", "scalar", "scalar_dot"]
-
-
-def widened_matmul(layer: PanelLinear, x: torch.Tensor) -> torch.Tensor:
-    y = x.double() @ layer.widened_weight().double().T
-    return (y if layer.bias is None else y + layer.bias.double()).float()
-
-
-@contextlib.contextmanager
-def kernel_variant(name: str):
-    """The panel kernels' instruction-set variant `name` for the duration (skips the test where
-    this CPU cannot run it)."""
-    kernels = panel_kernels()
-    if name not in kernels.variants():
-        pytest.skip(f"this CPU cannot run the {name} kernels (it runs {', '.join(kernels.variants())})")
-    in_use = kernels.simd()
-    kernels.use_variant(name)
-    try:
-        yield
-    finally:
-        kernels.use_variant(in_use)
-
-
-def best_variant(dot: bool) -> str:
-    """The fastest variant this CPU runs of the widening kind, or of the dot-product kind (at
-    worst scalar_dot, which runs on any CPU)."""
-    return next(v for v in panel_kernels().variants() if v.endswith("_dot") == dot)
-
-
-def dot_reference(layer: PanelLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the dot-product variants compute: the activations rounded to the weights' format
-    (bfloat16; or int8 with one scale, the block's largest |x| / 127, per 32 values of a row),
-    times the widened weight, in float64."""
-    if layer.fmt == "bfloat16":
-        rounded = x.bfloat16().float()
-    else:
-        padded = F.pad(x, (0, -x.shape[1] % 32)).view(x.shape[0], -1, 32)
-        amax = padded.abs().amax(-1, keepdim=True)
-        q = (padded * torch.where(amax > 0, 127.0 / amax, 0.0)).round().clamp(-127, 127)
-        rounded = (q * (amax / 127.0)).view(x.shape[0], -1)[:, :x.shape[1]]
-    y = rounded.double() @ layer.widened_weight().double().T
-    return (y if layer.bias is None else y + layer.bias.double()).float()
 
 
 def test_panels_hold_sixteen_output_channels_side_by_side():
