@@ -17,6 +17,7 @@ from gptserve.engine.placement import resolve_precision
 from gptserve.model.attention import DenseAttention
 from gptserve.model.gpt2 import GPT2
 from gptserve.model.panel_linear import PanelLinear
+from tests.model.panel_reference import uses_dot_products
 
 NEAR_TIE = 1e-4  # batched float rounding may flip only a genuine near-tie
 # With the CPU's dot-product kernels (avx512_dot) the activations of 16- and 8-bit layers are
@@ -28,8 +29,6 @@ DOT_TOLERANCE = 2e-3
 
 def tolerance(model: GPT2) -> float:
     """How far a logprob (and the top-2 gap of a flipped near-tie) may differ from the alone run."""
-    from tests.model.panel_reference import uses_dot_products
-
     dot = any(uses_dot_products(m) for m in model.modules() if isinstance(m, PanelLinear))
     return DOT_TOLERANCE if dot else NEAR_TIE
 AUTO = resolve_precision("auto", None, torch.device("cpu"))  # the default precision here
