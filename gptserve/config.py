@@ -124,6 +124,15 @@ class EngineConfig:
     data_parallel_size: int = 1
     data_parallel_backend: str = "auto"  # replicas as "process"es or "thread"s; auto: processes on GPUs
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    # LoRA adapters (engine/lora.py): off unless enabled or adapters are named at start
+    enable_lora: bool = False
+    lora_modules: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder, loaded at start
+    max_loras: int = 4  # adapter slots in the model: adapters in one batch
+    max_lora_rank: int = 16  # the largest rank an adapter may have (sizes the slots)
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
 
 
 @dataclass
@@ -156,6 +165,7 @@ class ServerConfig:
     max_grammar_length: int = 65_536  # characters of a regex or a Lark grammar
     max_regex_repetition: int = 4096  # how far a counted repetition may expand (server/repetition.py)
     json_number_bounds: bool = True  # bound JSON numbers a schema leaves unbounded (server/schema_rewrite.py)
+    enable_lora_runtime_updates: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 def parse_bytes(text: str) -> int:

@@ -12,6 +12,10 @@
 - `gpt2_small_checkpoint`: the real GPT-2 small shape (124M parameters), random, safetensors.
 - `greedy_decode(model, prompt, n)`: the reference greedy continuation, our GPT2 with a
   DenseAttention KV cache, one sequence alone.
+- `make_adapter(base, seed=0, **lora_config)`: a LoRA adapter folder saved by peft itself
+  (`get_peft_model(...).save_pretrained`) for the checkpoint folder `base`, its A and B
+  both random (`init_lora_weights=False`, so it changes the output); `lora_config` overrides
+  LoraConfig fields (default: r=8, lora_alpha=16, target_modules c_attn, c_proj, c_fc).
 
 Every test runs offline: HF_HUB_OFFLINE is set before anything imports huggingface_hub.
 """
@@ -86,6 +90,35 @@ def make_checkpoint(tmp_path_factory) -> Callable[..., Path]:
         else:
             raise ValueError(f"unsupported checkpoint variant weights={weights!r}, "
                              f"max_shard_size={max_shard_size!r}")
+        return built[key]
+
+    return make
+
+
+ADAPTER_DEFAULTS = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"])
+
+
+def build_adapter(folder: Path, base: Path, seed: int = 0, **lora_config) -> Path:
+    """Save a random peft LoRA adapter of the model at `base`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(base)
+    torch.manual_seed(seed)
+    config = LoraConfig(**{**ADAPTER_DEFAULTS, **lora_config}, init_lora_weights=False, fan_in_fan_out=True)
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tmp_path_factory) -> Callable[..., Path]:
+    """Factory of peft adapter folders, cached per session by their arguments."""
+    built: dict[tuple, Path] = {}
+
+    def make(base: Path, seed: int = 0, **lora_config) -> Path:
+        key = (str(base), seed, repr(sorted(lora_config.items())))
+        if key not in built:
+            built[key] = build_adapter(tmp_path_factory.mktemp(f"lora-s{seed}"), base, seed, **lora_config)
         return built[key]
 
     return make

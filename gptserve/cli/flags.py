@@ -65,6 +65,15 @@ def serving_engine_args(p: argparse.ArgumentParser) -> None:
                    help="replicas as one process each (auto on GPUs: no shared interpreter lock) or as "
                         "threads of one process (auto on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
+    lora = p.add_argument_group("LoRA adapters", "PEFT LoRA adapters of the model, each served under its own "
+                                "model name and applied at run time (one batch mixes adapters)")
+    lora.add_argument("--enable-lora", action="store_true",
+                      help="serve LoRA adapters (implied by --lora-modules)")
+    lora.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", default=None,
+                      help="adapters to load at start: a model name and a PEFT adapter folder each")
+    lora.add_argument("--max-loras", type=int, default=d.max_loras,
+                      help="adapters resident at once (one batch mixes at most this many); others wait for a slot")
+    lora.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="the largest adapter rank taken")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -89,7 +98,26 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cfg.data_parallel_size = args.data_parallel_size
         cfg.data_parallel_backend = args.data_parallel_backend
         cfg.seed = args.seed
+        cfg.enable_lora = args.enable_lora or getattr(args, "enable_lora_runtime_updates", False)
+        cfg.lora_modules = lora_modules(args.lora_modules or [])
+        cfg.max_loras = args.max_loras
+        cfg.max_lora_rank = args.max_lora_rank
     return cfg
+
+
+def lora_modules(items: list[str]) -> dict[str, str]:
+    """--lora-modules NAME=PATH ... as {name: path}."""
+    modules: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            print(f"gptserve: error: --lora-modules takes NAME=PATH, got {item!r}", file=sys.stderr)
+            raise SystemExit(2)
+        if name in modules:
+            print(f"gptserve: error: --lora-modules names {name!r} twice", file=sys.stderr)
+            raise SystemExit(2)
+        modules[name] = path
+    return modules
 
 
 def server_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +142,8 @@ def server_args(p: argparse.ArgumentParser) -> None:
                    help="store no responses: previous_response_id and GET /v1/responses/{id} are then unavailable")
     p.add_argument("--max-stored-responses", type=int, default=d.max_stored_responses,
                    help="how many stored responses are kept; the oldest go first")
+    p.add_argument("--enable-lora-runtime-updates", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
     limits = p.add_argument_group("request limits", "a request over one is refused with 400 (413 for the body), "
                                                     "the message naming the limit")
     limits.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes,
@@ -161,7 +191,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         max_stored_responses=args.max_stored_responses, max_schema_depth=args.max_schema_depth,
                         max_schema_size=args.max_schema_size, max_choices=args.max_choices, max_tools=args.max_tools,
                         max_grammar_length=args.max_grammar_length, max_regex_repetition=args.max_regex_repetition,
-                        json_number_bounds=not args.no_json_number_bounds)
+                        json_number_bounds=not args.no_json_number_bounds,
+                        enable_lora_runtime_updates=args.enable_lora_runtime_updates)
 
 
 def ray_args(p: argparse.ArgumentParser) -> None:

@@ -41,6 +41,7 @@ class EngineDescription:
     model_config: ModelConfig
     dtype: str
     limits: EngineLimits
+    lora_adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # loaded at start: name -> folder
 
 
 def replica_name() -> str:
@@ -60,7 +61,7 @@ class EngineReplica:
 
     def describe(self) -> EngineDescription:
         e = self.engine
-        return EngineDescription(e.model_name, e.tokenizer, e.model_config, e.dtype, e.limits)
+        return EngineDescription(e.model_name, e.tokenizer, e.model_config, e.dtype, e.limits, e.lora_adapters)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[str | RequestOutput]:

@@ -25,7 +25,7 @@ from gptserve.deploy import fleet
 from gptserve.deploy.engine_replica import EngineDescription
 from gptserve.deploy.remote_errors import ReplicaError
 from gptserve.deploy.replica_header import record_replica
-from gptserve.engine.outputs import (ChoiceDelta, EngineDeadError, EngineStats, FinishReason, Inspection,
+from gptserve.engine.outputs import (AdapterError, ChoiceDelta, EngineDeadError, EngineStats, FinishReason, Inspection,
                                      RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
 
@@ -52,6 +52,7 @@ class RemoteEngine:
         self.model_config = description.model_config
         self.dtype = description.dtype
         self.limits = description.limits
+        self.lora_adapters = description.lora_adapters
         self.max_attempts = max_attempts
         self.requests_retried = 0  # sent again after their replica was lost
         self._calls: dict[str, DeploymentResponseGenerator] = {}  # request id -> its call now
@@ -134,6 +135,13 @@ class RemoteEngine:
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         return await _retried(lambda: self.handle.inspect.remote(prompt_token_ids, top_k, decimals),
                               self.max_attempts)
+
+    async def load_lora(self, name: str, path: str) -> None:
+        raise AdapterError("under Ray Serve, adapters are loaded at start on every replica: name them with "
+                           "--lora-modules")
+
+    async def unload_lora(self, name: str) -> None:
+        raise AdapterError("under Ray Serve, adapters are loaded at start on every replica")
 
     def stats(self) -> EngineStats:
         reported = [s for s in fleet.replica_stats(self.handle.app_name).values() if s is not None]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptserve.engine.outputs import (EngineDeadError, EngineError, GrammarError, InvalidPromptError,
-                                     PromptTooLongError, RequestFailedError)
+from gptserve.engine.outputs import (AdapterError, AdapterNotFoundError, EngineDeadError, EngineError, GrammarError,
+                                     InvalidPromptError, PromptTooLongError, RequestFailedError)
 from gptserve.engine.sampling_params import InvalidSamplingParams
 
 # what an engine raises for one request; anything else is a bug and stays Ray's error (500)
 CARRIED = {cls.__name__: cls for cls in (PromptTooLongError, InvalidPromptError, RequestFailedError,
-                                         EngineDeadError, GrammarError, InvalidSamplingParams, EngineError)}
+                                         EngineDeadError, GrammarError, InvalidSamplingParams, AdapterError,
+                                         AdapterNotFoundError, EngineError)}
 
 
 class ReplicaError(Exception):

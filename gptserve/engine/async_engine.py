@@ -58,6 +58,7 @@ class AsyncEngine:
         self.tokenizer, self.model_config = self.engine.tokenizer, self.engine.model_config
         self.dtype, self.limits = str(self.engine.precision), self.engine.limits
         self._stats = self.engine.stats()
+        self.lora_adapters = self.engine.lora_adapters()  # loaded at start: name -> folder
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -121,6 +122,12 @@ class AsyncEngine:
 
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         return await self._call(lambda engine: engine.embed(prompts))
+
+    async def load_lora(self, name: str, path: str) -> None:
+        await self._call(lambda engine: engine.load_lora(name, path))
+
+    async def unload_lora(self, name: str) -> None:
+        await self._call(lambda engine: engine.unload_lora(name))
 
     async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """fn(engine) on the engine thread between two steps; its result or its exception here."""

@@ -3,7 +3,9 @@
 A full block is identified by hash(parent block's hash, its token ids); equal prompt
 prefixes therefore map to the same blocks, which are shared by ref count. A freed block
 keeps its hash and content until it is reused: free blocks form an LRU list, so the
-cached block unused for the longest time is evicted first.
+cached block unused for the longest time is evicted first. The first block's parent is the
+sequence's `cache_root`: None for the base model, its adapter's own for a LoRA adapter, so
+KV computed through one adapter is never reused by another.
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.params.prompt_logprobs:
             return []
         hits = []
-        for h, tokens in chained_block_hashes(seq.token_ids, self.block_size, (len(seq) - 1) // self.block_size):
+        for h, tokens in chained_block_hashes(seq.token_ids, self.block_size, (len(seq) - 1) // self.block_size,
+                                              parent=seq.cache_root):
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -129,7 +132,7 @@ class BlockManager:
         start = num_full  # walk back to the last block already registered
         while start > 0 and self.blocks[seq.block_table[start - 1]].hash is None:
             start -= 1
-        parent = self.blocks[seq.block_table[start - 1]].hash if start else None
+        parent = self.blocks[seq.block_table[start - 1]].hash if start else seq.cache_root
         hashes = chained_block_hashes(seq.token_ids, bs, num_full, start, parent)
         for block_id, (h, tokens) in zip(seq.block_table[start:num_full], hashes):
             block = self.blocks[block_id]

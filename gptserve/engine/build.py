@@ -18,6 +18,8 @@ from gptserve.config import EngineConfig
 from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.grammar import GrammarCompiler
 from gptserve.engine.limits import EngineLimits
+from gptserve.engine.lora import AdapterTable
+from gptserve.engine.outputs import AdapterError
 from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.placement import (Precision, bind_device, kv_cache_bytes, profile_gpu_memory, resolve_device,
                                       resolve_precision)
@@ -28,6 +30,7 @@ from gptserve.engine.speculative import Speculator
 from gptserve.model.attention import KVPool
 from gptserve.model.cpu_kernels import cpu_kernel_variant, paged_decode
 from gptserve.model.gpt2 import GPT2
+from gptserve.model.lora import LoRAStack
 from gptserve.model.panel_linear import cpu_weight_format, panels_for_cpu
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.weights.loader import load_model, release_freed_memory, resolve_model_path
@@ -49,6 +52,7 @@ class EngineParts:
     grammars: GrammarCompiler
     speculator: Speculator | None
     panels: bool  # linear layers held in panels for the CPU kernels
+    adapters: AdapterTable | None  # LoRA adapters, when enabled
 
 
 def build_parts(model: str | None, config: EngineConfig, loaded: tuple[GPT2, Tokenizer] | None = None
@@ -79,11 +83,13 @@ def build_parts(model: str | None, config: EngineConfig, loaded: tuple[GPT2, Tok
     vocab_size = min(mc.vocab_size, tokenizer.vocab_size)
     limits = EngineLimits(max_model_len, vocab_size, num_blocks * config.block_size)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+    adapters = _adapters(mc, config, device)
+    scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens, adapters)
     graph_sizes = () if config.enforce_eager else tuple(
         b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs)
     panels = _prepare_weights(gpt2, device, precision)
-    runner = ModelRunner(gpt2, pool, Sampler(vocab_size, device, config.seed), max_model_len, graph_sizes)
+    runner = ModelRunner(gpt2, pool, Sampler(vocab_size, device, config.seed), max_model_len, graph_sizes,
+                         None if adapters is None else adapters.stack)
     speculator = None
     if config.speculative is not None:
         proposer = build_proposer(config.speculative, mc, vocab_size, device, dtype, num_blocks,
@@ -93,7 +99,22 @@ def build_parts(model: str | None, config: EngineConfig, loaded: tuple[GPT2, Tok
              model or "default model", device, precision, f", {cpu_kernel_variant()} panel kernels" if panels else "",
              num_blocks, config.block_size, num_blocks * per_block / 2**20, max_model_len)
     return EngineParts(device, precision, gpt2, tokenizer, pool, limits, block_manager, scheduler, runner,
-                       GrammarCompiler(tokenizer, vocab_size), speculator, panels)
+                       GrammarCompiler(tokenizer, vocab_size), speculator, panels, adapters)
+
+
+def _adapters(mc, config: EngineConfig, device: torch.device) -> AdapterTable | None:
+    """The LoRA slots and the adapters named at start, when adapters are enabled."""
+    if not config.lora_enabled:
+        return None
+    if config.max_loras < 1 or config.max_lora_rank < 1:
+        raise AdapterError("--max-loras and --max-lora-rank must be at least 1")
+    stack = LoRAStack(mc, config.max_loras, config.max_lora_rank, device)
+    table = AdapterTable(stack, mc)
+    for name, path in config.lora_modules.items():
+        table.add(name, path)
+    log.info("LoRA: %d slots of rank up to %d (%.0f MiB); adapters: %s", config.max_loras, config.max_lora_rank,
+             stack.nbytes() / 2**20, ", ".join(config.lora_modules) or "none yet")
+    return table
 
 
 def _prepare_weights(model: GPT2, device: torch.device, precision: Precision) -> bool:

@@ -22,6 +22,7 @@ class EngineClient(Protocol):
     model_config: ModelConfig
     dtype: str  # of the weights and the KV cache, e.g. "float32" or "int8 weights, float32 compute"
     limits: EngineLimits
+    lora_adapters: dict[str, str]  # the LoRA adapters loaded at start: name -> folder
 
     @property
     def is_ready(self) -> bool:
@@ -48,6 +49,13 @@ class EngineClient(Protocol):
 
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         """How the serving model reads one prompt: attention weights and top next tokens."""
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter at `path` as `name` (engine/lora.py). Raises AdapterError:
+        adapters are off, the name is taken, or the adapter can't be read or doesn't fit."""
+
+    async def unload_lora(self, name: str) -> None:
+        """Forget adapter `name`; requests running on it finish. Raises AdapterNotFoundError."""
 
     def stats(self) -> EngineStats:
         """The latest counters and gauges (no waiting on the engine)."""

@@ -45,8 +45,9 @@ class DecodeGraphs:
         if capture:
             self._capture()
 
-    def fits(self, batch_size: int) -> bool:
-        return batch_size <= self.sizes[-1]
+    def fits(self, batch_size: int, with_lora: bool = False) -> bool:
+        """Whether a decode step of this size replays a graph (captured without LoRA adapters)."""
+        return batch_size <= self.sizes[-1] and not with_lora
 
     def _forward(self, b: int) -> torch.Tensor:
         x = self.inputs
@@ -76,7 +77,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(dev)
         log.info("captured decode CUDA graphs on %s for batch sizes %s", dev, self.sizes)
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def run(self, inputs: dict[str, torch.Tensor], lora=None) -> torch.Tensor:  # lora: None (see fits)
         b = inputs["input_ids"].shape[0]
         padded = self.sizes[bisect.bisect_left(self.sizes, b)]
         x = self.inputs

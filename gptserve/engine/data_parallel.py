@@ -73,6 +73,7 @@ class DataParallelEngine:
         self.model_config = first.model_config
         self.dtype = first.dtype
         self.limits = first.limits
+        self.lora_adapters = first.lora_adapters
         self.in_flight = [0] * len(replicas)
         self.owner: dict[str, int] = {}
 
@@ -121,6 +122,22 @@ class DataParallelEngine:
 
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         return await self.replicas[self.pick()].inspect(prompt_token_ids, top_k, decimals)
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """On every replica; where one refuses, those that had loaded it unload it again."""
+        done = []
+        try:
+            for replica in self.replicas:
+                await replica.load_lora(name, path)
+                done.append(replica)
+        except BaseException:
+            for replica in done:
+                await replica.unload_lora(name)
+            raise
+
+    async def unload_lora(self, name: str) -> None:
+        for replica in self.replicas:
+            await replica.unload_lora(name)
 
 
 def build_engine(model: str | None, config: EngineConfig) -> AsyncEngine | DataParallelEngine:

@@ -23,7 +23,7 @@ from gptserve.engine.grammar import GrammarCompiler
 from gptserve.engine.outputs import EngineDeadError
 
 log = logging.getLogger(__name__)
-CALLS = ("add_request", "abort", "step", "embed", "inspect")  # what the parent may ask of the child's engine
+CALLS = ("add_request", "abort", "step", "embed", "inspect", "load_lora", "unload_lora")  # what the parent may ask of the child's engine
 
 
 class EngineProcess:
@@ -50,6 +50,7 @@ class EngineProcess:
         self.limits = payload["limits"]
         self._grammars = GrammarCompiler(self.tokenizer, self.limits.vocab_size)  # the engine's own width
         self._stats = payload["stats"]
+        self._lora_adapters = payload["lora_adapters"]  # those loaded at start
 
     def prepare_grammar(self, grammar: str) -> Future:
         """Compile and probe the grammar here, in the parent, so that a grammar that can't be
@@ -73,6 +74,15 @@ class EngineProcess:
 
     def inspect(self, prompt_token_ids, top_k, decimals):
         return self._call("inspect", prompt_token_ids, top_k, decimals)
+
+    def load_lora(self, name: str, path: str) -> None:
+        self._call("load_lora", name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self._call("unload_lora", name)
+
+    def lora_adapters(self) -> dict[str, str]:
+        return self._lora_adapters
 
     def has_unfinished(self) -> bool:
         return self._unfinished
@@ -120,7 +130,8 @@ def _serve(conn: Connection, model: str | None, config: EngineConfig, log_level:
         conn.send(("error", _portable(e)))
         return
     conn.send(("ready", {"tokenizer": engine.tokenizer, "model_config": engine.model_config,
-                         "precision": str(engine.precision), "limits": engine.limits, "stats": engine.stats()}))
+                         "precision": str(engine.precision), "limits": engine.limits, "stats": engine.stats(),
+                         "lora_adapters": engine.lora_adapters()}))
     while True:
         try:
             name, args = conn.recv()

@@ -13,7 +13,8 @@ from gptserve.config import EngineConfig, ModelConfig
 from gptserve.engine.build import build_parts
 from gptserve.engine.decoding import Decoding
 from gptserve.engine.detokenizer import StreamDetokenizer
-from gptserve.engine.outputs import ChoiceDelta, EngineStats, FinishReason, GrammarError, Inspection, RequestOutput
+from gptserve.engine.outputs import (AdapterError, AdapterNotFoundError, ChoiceDelta, EngineStats, FinishReason,
+                                     GrammarError, Inspection, RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.speculative import SpeculationStats
 from gptserve.engine.sequence import Request, Sequence, rows_by_sequence
@@ -34,6 +35,7 @@ class LLMEngine:
         self.pool, self.limits, self.panels = parts.pool, parts.limits, parts.panels
         self.block_manager, self.scheduler, self.runner = parts.block_manager, parts.scheduler, parts.runner
         self.grammars, self.speculator = parts.grammars, parts.speculator
+        self.adapters = parts.adapters  # LoRA adapters (engine/lora.py); None when off
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -45,12 +47,38 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.limits.check_request(prompt_token_ids, params)
-        seqs = [Sequence(request_id, i, prompt_token_ids, params, self._decoding(prompt_token_ids, params))
+        adapter = self._adapter(params.adapter)
+        seqs = [Sequence(request_id, i, prompt_token_ids, params, self._decoding(prompt_token_ids, params), adapter)
                 for i in range(params.n)]
         req = Request(request_id, list(prompt_token_ids), params, seqs, parked=seqs[1:])
         self.requests[request_id] = req
         self.scheduler.add(seqs[0])
         self.prompt_tokens += len(prompt_token_ids)
+
+    def _adapter(self, name: str | None):
+        if name is None:
+            return None
+        if self.adapters is None:
+            raise AdapterNotFoundError(name, [])
+        self.adapters.check(name)
+        return self.adapters.adapters[name]
+
+    # ---- LoRA adapters (engine/lora.py) --------------------------------------------------
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter at `path` as `name`; AdapterError when it can't be."""
+        if self.adapters is None:
+            raise AdapterError("LoRA adapters are off on this server (start it with --enable-lora)")
+        self.adapters.add(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget adapter `name`; its running requests finish. AdapterNotFoundError if unknown."""
+        if self.adapters is None:
+            raise AdapterNotFoundError(name, [])
+        self.adapters.remove(name)
+
+    def lora_adapters(self) -> dict[str, str]:
+        """The loaded adapters' folders, by name."""
+        return {} if self.adapters is None else {a.name: a.path for a in self.adapters.adapters.values()}
 
     def _decoding(self, prompt_token_ids: list[int], params: SamplingParams) -> Decoding:
         n, tok = len(prompt_token_ids), self.tokenizer

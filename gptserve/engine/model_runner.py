@@ -6,7 +6,9 @@ prefill chunk. Only rows whose next token is due are projected to the vocabulary
 decode row, every verify row, and the last row of a chunk that completes its sequence's
 prompt.
 On CUDA, decode-only steps replay a CUDA graph captured for the padded batch size; on the
-CPU they run in one compiled call (model/cpu_decode.py).
+CPU they run in one compiled call (model/cpu_decode.py). When a row's sequence has a LoRA
+adapter, the step passes every row's adapter slot to the model (model/lora.py); CUDA graphs
+are captured without adapters, so such a step runs eagerly there.
 """
 from __future__ import annotations
 
@@ -23,14 +25,16 @@ from gptserve.engine.sequence import Sequence
 from gptserve.model.attention import DenseAttention, KVPool, PagedAttention, PagedMetadata, PrefillSpan
 from gptserve.model.cpu_decode import CpuDecode
 from gptserve.model.gpt2 import GPT2
+from gptserve.model.lora import LoRABatch, LoRAStack
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model: GPT2, pool: KVPool, sampler: Sampler, max_model_len: int,
-                 graph_batch_sizes: tuple[int, ...] = ()):
+                 graph_batch_sizes: tuple[int, ...] = (), lora: LoRAStack | None = None):
         self.model = model
+        self.lora = lora
         self.pool = pool
         self.sampler = sampler
         self.device = model.device
@@ -42,7 +46,7 @@ class ModelRunner:
         if self.device.type == "cuda" and graph_batch_sizes:
             self.graphs = DecodeGraphs(model, pool, self.max_blocks, graph_batch_sizes)
         elif self.device.type == "cpu" and graph_batch_sizes:
-            self.graphs = CpuDecode.build(model, pool)
+            self.graphs = CpuDecode.build(model, pool, lora)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, masks: Future | None = None) -> tuple[list, SamplerOutput]:
@@ -59,11 +63,25 @@ class ModelRunner:
     def due_hidden(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run the model over the batch; the final hidden states of batch.due's rows (S, C)."""
         decode_only = not batch.prefills and not batch.verifies
-        if self.graphs is not None and decode_only and self.graphs.fits(len(batch.decodes)):
-            hidden = self.graphs.run(self._decode_inputs(batch.decodes))
+        lora = self._lora_batch(batch)
+        if self.graphs is not None and decode_only and self.graphs.fits(len(batch.decodes), lora is not None):
+            hidden = self.graphs.run(self._decode_inputs(batch.decodes), lora)
             return hidden[:len(batch.decodes)]
-        hidden, rows = self._run_eager(batch)
+        hidden, rows = self._run_eager(batch, lora)
         return hidden[rows]
+
+    def _lora_batch(self, batch: ScheduledBatch) -> LoRABatch | None:
+        """Each row's adapter slot, in the flat batch's order; None when no row has an adapter."""
+        if self.lora is None:
+            return None
+        slots = [s.lora_slot for s in batch.decodes]
+        for seq in batch.verifies:
+            slots += [seq.lora_slot] * (1 + len(seq.guesses))
+        for seq, n in batch.prefills:
+            slots += [seq.lora_slot] * n
+        if max(slots, default=-1) < 0:
+            return None
+        return LoRABatch(self.lora, self._to_device(torch.tensor(slots)))
 
     def _decode_inputs(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
         bs = self.block_size
@@ -88,7 +106,7 @@ class ModelRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def _run_eager(self, batch: ScheduledBatch):
+    def _run_eager(self, batch: ScheduledBatch, lora: LoRABatch | None):
         bs = self.block_size
         ids, pos, slots = [], [], []
         meta = PagedMetadata(slot_mapping=None)  # filled below
@@ -131,7 +149,7 @@ class ModelRunner:
         meta.slot_mapping = self._to_device(torch.cat(slots))
         input_ids = self._to_device(torch.cat(ids))
         positions = self._to_device(torch.cat(pos))
-        hidden = self.model(input_ids, positions, PagedAttention(self.pool, meta))
+        hidden = self.model(input_ids, positions, PagedAttention(self.pool, meta), lora)
         for seq, s, n in logprob_spans:
             self._prompt_logprobs(seq, hidden[s:s + n], input_ids[s:s + n])
         return hidden, rows

@@ -112,6 +112,20 @@ class GrammarError(EngineError, ValueError):
     grammar engine's limits, or is too slow to follow."""
 
 
+class AdapterError(EngineError, ValueError):
+    """A LoRA adapter can't be loaded: its name is taken, its files are missing or broken,
+    or it doesn't fit the base model (the message says which)."""
+
+
+class AdapterNotFoundError(EngineError, LookupError):
+    """No adapter of that name is loaded (or adapters are off)."""
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"no LoRA adapter named {name!r} is loaded" +
+                         (f"; loaded: {', '.join(sorted(known))}" if known else ""))
+        self.name = name
+
+
 class RequestFailedError(EngineError):
     """Processing this one request failed; the engine goes on serving the others."""
 

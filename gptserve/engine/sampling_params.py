@@ -34,6 +34,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     grammar: str | None = None  # llguidance's grammar format (engine/grammar.py): output must match it
+    adapter: str | None = None  # the LoRA adapter that generates (engine/lora.py); None: the base model
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

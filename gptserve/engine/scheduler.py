@@ -4,7 +4,9 @@ Every step: each running sequence that is decoding gets one token; sequences sti
 prefilling get a chunk; then waiting sequences are admitted, oldest first, while they
 fit in free KV blocks, the token budget and max_num_seqs. Last, decodes that carry
 speculative guesses (engine/speculative.py) get rows for them out of what budget and
-blocks are left, and become verifies. When a decode has no room to
+blocks are left, and become verifies. A sequence for a LoRA adapter is admitted only with a
+slot for its adapter (engine/lora.py); one that can't have one yet keeps its place in the
+queue while those behind it go ahead. When a decode has no room to
 grow, the newest running sequence is preempted: its blocks are freed and it goes back
 to the front of the queue, to be recomputed later.
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from gptserve.engine.block_manager import BlockManager
+from gptserve.engine.lora import AdapterTable
 from gptserve.engine.sequence import Sequence, SequenceStatus, VerifyRow
 
 
@@ -56,8 +59,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 adapters: AdapterTable | None = None):
         self.block_manager = block_manager
+        self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -97,9 +102,15 @@ class Scheduler:
                 batch.prefills.append((seq, n))
                 budget -= n
         # 3. admit waiting sequences while they fit
+        no_adapter_slot: list[Sequence] = []  # their adapter must wait for a slot: they keep their place
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.adapters is not None and not self.adapters.acquire(seq):
+                no_adapter_slot.append(self.waiting.popleft())
+                continue
             if not bm.allocate(seq):
+                if self.adapters is not None:
+                    self.adapters.release(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -107,6 +118,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             batch.prefills.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(no_adapter_slot))
         # 4. speculative guesses of the decodes take what budget and blocks are left: a guess
         #    never holds back a prefill or an admission, nor preempts anyone
         if any(seq.guesses for seq in batch.decodes):
@@ -126,9 +138,14 @@ class Scheduler:
                 seq.decoding.keep_guesses(0)
                 batch.decodes.append(seq)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
+        if self.adapters is not None:
+            self.adapters.release(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         if seq.decoding is not None:
             seq.decoding.keep_guesses(0)
         seq.status = SequenceStatus.WAITING
@@ -138,8 +155,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence, wherever it is."""
         if seq in self.running:
-            self.running.remove(seq)
-            self.block_manager.free_seq(seq)
+            self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -6,10 +6,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 from gptserve.engine.decoding import Decoding
 from gptserve.engine.outputs import ChoiceDelta, FinishReason, Logprob
 from gptserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from gptserve.engine.lora import Adapter
 
 _seq_ids = itertools.count()
 
@@ -24,7 +28,7 @@ class Sequence:
     """One choice of one request. A request with n > 1 has n sibling sequences."""
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, decoding: Decoding | None = None):
+                 params: SamplingParams, decoding: Decoding | None = None, adapter: "Adapter | None" = None):
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.index = index  # choice index within the request
@@ -39,6 +43,10 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.finish_sent = False  # the finish reason has gone out in a delta
         self.decoding = decoding  # None for a sequence no output is made of (a draft model's view)
+        self.adapter = adapter  # its LoRA adapter (engine/lora.py), None for the base model
+        self.lora_slot = -1  # the adapter's slot in the model while it runs
+        # the root of its blocks' prefix-cache hashes: an adapter's KV never serves another's
+        self.cache_root: int | None = None if adapter is None else hash(("lora", adapter.cache_key))
         # news since the last output was sent
         self.new_token_ids: list[int] = []
         self.new_text = ""

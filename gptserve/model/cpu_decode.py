@@ -11,7 +11,9 @@ for every decode-only step on the CPU (ModelRunner), and the Python path for ste
 prompt chunks or speculative verifies.
 
 It applies where every linear layer and the tied LM head are held in panels
-(panel_linear.py) and the compute is float32; `CpuDecode.build` returns None elsewhere.
+(panel_linear.py) and the compute is float32; `CpuDecode.build` returns None elsewhere. With
+LoRA adapters on, it holds the model's adapter slots too (model/lora.py) and adds each row's
+update with the same kernel (`lora_add`) as the Python path.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from gptserve.model.attention import KVPool
 from gptserve.model.cpu_kernels import panel_kernels
 from gptserve.model.gpt2 import GPT2
+from gptserve.model.lora import TARGETS, LoRABatch, LoRAStack
 from gptserve.model.panel_linear import PanelLinear
 
 
@@ -33,7 +36,7 @@ class CpuDecode:
         self.pool = pool
 
     @classmethod
-    def build(cls, model: GPT2, pool: KVPool) -> CpuDecode | None:
+    def build(cls, model: GPT2, pool: KVPool, lora: LoRAStack | None = None) -> CpuDecode | None:
         kernels = panel_kernels()
         head = model.lm_head
         if kernels is None or model.device.type != "cpu" or pool.kv.dtype != torch.float32:
@@ -52,13 +55,16 @@ class CpuDecode:
                             block.ln_2.bias.detach(), _weight(attn.c_attn), _weight(attn.c_proj),
                             _weight(mlp.c_fc), _weight(mlp.c_proj),
                             [m.out_features for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)], attn.scale)
+        for i, targets in enumerate(lora.layers if lora is not None else []):
+            stack.set_lora(i, [[targets[t].a, targets[t].b, targets[t].ranks] for t in TARGETS])
         return cls(stack, pool)
 
-    def fits(self, batch_size: int) -> bool:
+    def fits(self, batch_size: int, with_lora: bool = False) -> bool:
         return batch_size > 0
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def run(self, inputs: dict[str, torch.Tensor], lora: LoRABatch | None = None) -> torch.Tensor:
         """The final hidden states (B, C) of a decode-only step, K/V written to the pool;
-        `inputs` as ModelRunner._decode_inputs makes them."""
+        `inputs` as ModelRunner._decode_inputs makes them; `lora`: the rows' adapter slots."""
         return self.stack.forward(inputs["input_ids"], inputs["positions"], self.pool.kv, inputs["slot_mapping"],
-                                  inputs["block_tables"], inputs["context_lens"])
+                                  inputs["block_tables"], inputs["context_lens"],
+                                  None if lora is None else lora.slots)

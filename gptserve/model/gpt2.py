@@ -5,7 +5,8 @@ stored as nn.Linear (out, in), so loading is the checkpoint's Conv1D (in, out) t
 
 The model runs on a flat batch of tokens, (N, C), from any number of sequences; how
 those tokens see each other and the past is the attention backend's business
-(gptserve.model.attention), passed in explicitly on every call.
+(gptserve.model.attention), passed in explicitly on every call; so are the rows' LoRA
+adapters, when any row has one (gptserve.model.lora).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptserve.config import ModelConfig
+from gptserve.model.lora import LoRABatch
 
 
 class AttentionBackend(Protocol):
@@ -40,21 +42,29 @@ class CausalSelfAttention(nn.Module):
             scale /= layer + 1
         self.scale = scale
 
-    def forward(self, x: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: AttentionBackend, lora: LoRABatch | None = None) -> torch.Tensor:
         n = x.shape[0]  # x: (N, C)
-        q, k, v = self.c_attn(x).view(n, 3, self.n_head, self.head_dim).unbind(1)  # (N, H, D) each
-        y = attn(self.layer, q, k, v, self.scale)  # (N, H, D)
-        return self.c_proj(y.reshape(n, -1))
+        qkv = self.c_attn(x)  # (N, 3C)
+        if lora is not None:
+            lora.add(self.layer, "attn.c_attn", x, qkv)
+        q, k, v = qkv.view(n, 3, self.n_head, self.head_dim).unbind(1)  # (N, H, D) each
+        y = attn(self.layer, q, k, v, self.scale).reshape(n, -1)  # (N, C)
+        out = self.c_proj(y)
+        return out if lora is None else lora.add(self.layer, "attn.c_proj", y, out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_dim)
         self.c_proj = nn.Linear(cfg.mlp_dim, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's gelu_new
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        if lora is None:
+            return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's gelu_new
+        h = F.gelu(lora.add(self.layer, "mlp.c_fc", x, self.c_fc(x)), approximate="tanh")
+        return lora.add(self.layer, "mlp.c_proj", h, self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -63,11 +73,11 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
 
-    def forward(self, x: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, attn: AttentionBackend, lora: LoRABatch | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn, lora)
+        return x + self.mlp(self.ln_2(x), lora)
 
 
 class GPT2(nn.Module):
@@ -85,11 +95,12 @@ class GPT2(nn.Module):
         self.lm_head: nn.Module | None = None
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+        lora: LoRABatch | None = None,
     ) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)  # (N, C)
         for block in self.h:
-            x = block(x, attn)
+            x = block(x, attn, lora)
         return self.ln_f(x)  # (N, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,8 @@ def build_app(engine: "EngineClient", server_config: ServerConfig | None = None)
     for router in (openai_routes.router, responses_routes.router, anthropic_routes.router, routes.api_router):
         app.include_router(router, dependencies=keyed, responses=error_responses(401))
     app.include_router(inspect_router, dependencies=keyed, responses=error_responses(401, 404, 429, 503))
+    if config.enable_lora_runtime_updates:
+        app.include_router(routes.lora_router, dependencies=keyed, responses=error_responses(401))
     app.add_api_route("/", playground, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)

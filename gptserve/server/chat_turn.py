@@ -23,12 +23,14 @@ def chat_prompt(ctx: ServingContext, messages: list[ChatMessage], plan: ToolPlan
 
 def open_chat(ctx: ServingContext, messages: list[ChatMessage], plan: ToolPlan | None, output_format: str | None,
               format_param: str, sampling: Callable[[list[str], str | None], SamplingParams],
-              request_id: str, prompt_param: str = "messages", add_generation_prompt: bool = True) -> Generation:
+              request_id: str, model: str | None, prompt_param: str = "messages",
+              add_generation_prompt: bool = True) -> Generation:
     """One chat turn, whatever API asked for it: the messages and the offered tools through
     the chat template, constrained by the tools' grammar when the model may call them, else
     by `output_format` (the grammar of the request's field `format_param`).
     `sampling(extra_stop, grammar)` builds the request's SamplingParams; `prompt_param` is
-    the request field that carried the conversation, for errors about it. Without
+    the request field that carried the conversation, for errors about it; `model`, the request's
+    (which may name a LoRA adapter). Without
     `add_generation_prompt` the answer continues the last (assistant) message."""
     may_call = plan is not None and plan.may_call
     if may_call and output_format is not None:
@@ -39,4 +41,4 @@ def open_chat(ctx: ServingContext, messages: list[ChatMessage], plan: ToolPlan |
     # the template's implicit stops end free text; a grammar ends its own output
     free_text = grammar is None or plan is not None and plan.choice == "auto"
     params = sampling(ctx.chat_template.stop if free_text else [], grammar)
-    return ctx.open_generation([prompt_ids], params, request_id, prompt_param, grammar_param)
+    return ctx.open_generation([prompt_ids], params, request_id, model, prompt_param, grammar_param)

@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from gptserve.engine.outputs import (EngineDeadError, GrammarError, InvalidPromptError, PromptTooLongError,
-                                     RequestFailedError)
+from gptserve.engine.outputs import (AdapterError, AdapterNotFoundError, EngineDeadError, GrammarError,
+                                     InvalidPromptError, PromptTooLongError, RequestFailedError)
 from gptserve.engine.sampling_params import InvalidSamplingParams
 from gptserve.server.anthropic.answers import AnthropicErrorResponse
 from gptserve.server.protocol.base import INVALID, UNSUPPORTED, ErrorResponse
@@ -66,8 +66,9 @@ class NotFoundError(APIError):
 class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
 
-    def __init__(self, model: str):
-        super().__init__(f"The model `{model}` does not exist.", param="model")
+    def __init__(self, model: str, known: list[str] | None = None):
+        served = f" This server serves: {', '.join(known)}." if known else ""
+        super().__init__(f"The model `{model}` does not exist.{served}", param="model")
 
 
 class RequestTooLargeError(APIError):
@@ -163,6 +164,10 @@ def from_exception(exc: BaseException, request_id: str | None = None, prompt_par
         return exc
     if isinstance(exc, GrammarError):
         return InvalidRequestError(str(exc), param=grammar_param)
+    if isinstance(exc, AdapterNotFoundError):
+        return ModelNotFoundError(exc.name)
+    if isinstance(exc, AdapterError):
+        return InvalidRequestError(str(exc))
     if isinstance(exc, InvalidSamplingParams):
         return InvalidRequestError(str(exc), param=exc.param)
     if isinstance(exc, InvalidPromptError):
@@ -245,7 +250,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # known kinds get their own entry, or Starlette would also log them as unhandled 500s
     for kind in (APIError, InvalidSamplingParams, InvalidPromptError, PromptTooLongError, GrammarError,
-                 RequestFailedError, EngineDeadError, Exception):
+                 AdapterError, AdapterNotFoundError, RequestFailedError, EngineDeadError, Exception):
         app.add_exception_handler(kind, on_exception)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)

@@ -28,12 +28,14 @@ _END = object()
 class Generation:
     def __init__(self, engine: EngineClient, metrics: ServerMetrics, release_slots: Callable[[], None],
                  prompts: list[list[int]], params: list[SamplingParams], request_id: str, prompt_param: str,
-                 grammar_param: str):
+                 grammar_param: str, model: str):
         """`params`: one per prompt (each with its own max_tokens). Takes no queue slots
         itself: the caller has reserved one per prompt, and aclose gives them back once,
         through `release_slots`. `prompt_param` and `grammar_param` are the request fields
-        that carried the prompt and the grammar, for error messages."""
+        that carried the prompt and the grammar, for error messages; `model`, the model name
+        the answer carries (the served model's, or its LoRA adapter's)."""
         self.request_id = request_id
+        self.model = model
         self.prompt_param, self.grammar_param = prompt_param, grammar_param
         self.n = params[0].n
         self.num_prompts = len(prompts)

@@ -60,7 +60,7 @@ def prompt_ids(ctx: ServingContext, prompt: str) -> list[int]:
 @router.post("/v1/inspect")
 async def inspect_prompt(body: InspectRequest, request: Request) -> Response:
     ctx: ServingContext = request.app.state.serving
-    ctx.admit(body.model)
+    ctx.admit(body.model, generates=False)
     ids = prompt_ids(ctx, body.prompt)
     seen = await ctx.call_engine(request, lambda: ctx.engine.inspect(ids, body.top_k, ROUND_DECIMALS), "prompt")
     config = ctx.engine.model_config

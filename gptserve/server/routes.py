@@ -1,6 +1,8 @@
 """The routes every API family shares, kept thin: /v1/models and the tokenizer endpoints
 (`api_router`, behind the API key when one is set), /health and /metrics for probes and
-scrapers (`public_router`); and how a generating route's answer is documented. Each API
+scrapers (`public_router`), loading and unloading LoRA adapters (`lora_router`, vLLM's
+endpoints, mounted only with --enable-lora-runtime-updates); and how a generating route's
+answer is documented. Each API
 family's own routes are in its folder (openai/, responses/, anthropic/routes.py).
 """
 from __future__ import annotations
@@ -11,9 +13,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
-from gptserve.server.errors import InvalidRequestError, error_responses
+from gptserve.server.errors import InvalidRequestError, NotFoundError, error_responses
 from gptserve.server.metrics import CONTENT_TYPE
 from gptserve.server.protocol.base import ModelCard, ModelList
+from gptserve.server.protocol.lora import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from gptserve.server.protocol.tokenize import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
                                                TokenizeResponse, TokenizerInfoResponse)
 from gptserve.server.serving import ServingContext
@@ -21,6 +24,7 @@ from gptserve.server.serving import ServingContext
 # what each route answers, for the OpenAPI document (401: app.py; 400 and 413: errors.py)
 api_router = APIRouter()
 public_router = APIRouter()
+lora_router = APIRouter()
 
 
 def generation_responses(answer: type[BaseModel], chunk: type[BaseModel]) -> dict:
@@ -37,20 +41,46 @@ def serving(request: Request) -> ServingContext:
     return request.app.state.serving
 
 
-def _model_card(ctx: ServingContext) -> ModelCard:
-    return ModelCard(id=ctx.served_model_name, created=ctx.created, max_model_len=ctx.limits.max_model_len)
+def _model_cards(ctx: ServingContext) -> list[ModelCard]:
+    """The served model, then its LoRA adapters (vLLM's cards: an adapter's parent is the model)."""
+    base = ModelCard(id=ctx.served_model_name, created=ctx.created, max_model_len=ctx.limits.max_model_len,
+                     root=ctx.engine.model_name)
+    return [base] + [ModelCard(id=name, created=ctx.created, max_model_len=ctx.limits.max_model_len, root=path,
+                               parent=ctx.served_model_name) for name, path in ctx.adapters.items()]
 
 
 @api_router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_model_card(serving(request))])
+    return ModelList(data=_model_cards(serving(request)))
 
 
 @api_router.get("/v1/models/{model:path}", responses=error_responses(404))
 async def retrieve_model(model: str, request: Request) -> ModelCard:
     ctx = serving(request)
     ctx.check_model(model)
-    return _model_card(ctx)
+    return next(card for card in _model_cards(ctx) if card.id == model)
+
+
+@lora_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=error_responses(400))
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
+    """Serve the PEFT adapter in folder `lora_path` as the model `lora_name`."""
+    ctx = serving(request)
+    if body.lora_name == ctx.served_model_name or body.lora_name in ctx.adapters:
+        raise InvalidRequestError(f"The model name {body.lora_name!r} is already in use.", param="lora_name")
+    await ctx.engine.load_lora(body.lora_name, body.lora_path)
+    ctx.adapters[body.lora_name] = body.lora_path
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@lora_router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=error_responses(404))
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
+    """Stop serving adapter `lora_name`: new requests for it get 404, running ones finish."""
+    ctx = serving(request)
+    if body.lora_name not in ctx.adapters:
+        raise NotFoundError(f"The LoRA adapter {body.lora_name!r} is not loaded.", param="lora_name")
+    del ctx.adapters[body.lora_name]  # first: from here on new requests for it are refused
+    await ctx.engine.unload_lora(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 @api_router.post("/tokenize", responses=error_responses(404))

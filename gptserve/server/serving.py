@@ -84,6 +84,7 @@ class ServingContext:
         self.metrics = metrics
         self.chat_template = chat_template
         self.served_model_name = config.served_model_name or engine.model_name
+        self.adapters: dict[str, str] = dict(engine.lora_adapters)  # LoRA adapters by name (their folders)
         self.created = int(time.time())
         self.system_fingerprint = system_fingerprint(engine)
         self.num_in_flight = 0  # queue slots taken: engine requests admitted and not yet closed
@@ -92,17 +93,25 @@ class ServingContext:
 
     # --- admission: the checks every request meets first, in this order ---
 
-    def admit(self, model: str | None, asked: LimitedSettings | None = None) -> None:
-        """The model name (404), the server ready and not draining (503), then the server's
-        own limits on what a generating request asks for (400)."""
+    def admit(self, model: str | None, asked: LimitedSettings | None = None, generates: bool = True) -> None:
+        """The model name (404; a LoRA adapter's only where the request `generates`), the
+        server ready and not draining (503), then the server's own limits on what a
+        generating request asks for (400)."""
         self.check_model(model)
+        if not generates and model in self.adapters:
+            raise InvalidRequestError(f"`{model}` is a LoRA adapter, which serves generation only; ask the base "
+                                      f"model `{self.served_model_name}`", param="model")
         self.check_ready()
         if asked is not None:
             self.check_limits(asked)
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
-            raise ModelNotFoundError(model)
+        if model is not None and model != self.served_model_name and model not in self.adapters:
+            raise ModelNotFoundError(model, [self.served_model_name, *self.adapters])
+
+    def model_name(self, model: str | None) -> str:
+        """The name an answer carries: the request's, when it names a LoRA adapter."""
+        return model if model is not None and model in self.adapters else self.served_model_name
 
     def check_ready(self) -> None:
         if self.draining:
@@ -184,18 +193,20 @@ class ServingContext:
         finally:
             self.release_slots(1)
 
-    def open_generation(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
+    def open_generation(self, prompts: list[list[int]], params: SamplingParams, request_id: str, model: str | None,
                         prompt_param: str, grammar_param: str = "response_format") -> Generation:
-        """Takes one queue slot per prompt (429 when full) and starts the engine requests.
-        A request without max_tokens runs to the end of its context, but never past
-        --max-tokens-limit."""
+        """Takes one queue slot per prompt (429 when full) and starts the engine requests,
+        through the LoRA adapter when `model` (the request's, admitted) names one. A request
+        without max_tokens runs to the end of its context, but never past --max-tokens-limit."""
+        if model is not None and model in self.adapters:
+            params = dataclasses.replace(params, adapter=model)
         self.reserve_slots(len(prompts))
         per_prompt = [self._capped(params, len(ids)) for ids in prompts]
         log.debug("%s: %d prompt(s) of %s tokens, n=%d, max_tokens=%s", request_id, len(prompts),
                   "/".join(str(len(p)) for p in prompts), params.n, [p.max_tokens for p in per_prompt])
         num_slots = len(prompts)
         return Generation(self.engine, self.metrics, lambda: self.release_slots(num_slots), prompts, per_prompt,
-                          request_id, prompt_param, grammar_param)
+                          request_id, prompt_param, grammar_param, self.model_name(model))
 
     def _capped(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
         if params.max_tokens is not None:

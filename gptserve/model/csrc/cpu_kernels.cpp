@@ -766,6 +766,58 @@ torch::Tensor panel_rows(torch::Tensor panels, c10::optional<torch::Tensor> scal
   return out;
 }
 
+// ---- LoRA adapters: each row's own low-rank update ---------------------------------------
+// y[n] += B_s (A_s x[n]) for the adapter slot s = slots[n] of each row (-1: none), from the
+// slots' stacked weights: a (S, K, R) (A transposed) and b (S, R, O) (B transposed, its
+// scaling folded in), ranks (S,): the first ranks[s] of R used. Punica's BGMV (batched
+// gather matrix-vector): one matrix-vector product per row with the weights its slot names,
+// so a batch may mix adapters and a row's result never depends on the others in its batch.
+void lora_add(torch::Tensor x, torch::Tensor y, torch::Tensor slots, torch::Tensor a, torch::Tensor b,
+              torch::Tensor ranks) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: (N, K) float32, contiguous");
+  TORCH_CHECK(y.dtype() == torch::kFloat32 && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
+              "y: (N, O) float32, contiguous");
+  TORCH_CHECK(a.dtype() == torch::kFloat32 && a.is_contiguous() && a.dim() == 3 && a.size(1) == x.size(1),
+              "a: (S, K, R) float32, contiguous");
+  TORCH_CHECK(b.dtype() == torch::kFloat32 && b.is_contiguous() && b.dim() == 3 && b.size(0) == a.size(0) &&
+              b.size(1) == a.size(2) && b.size(2) == y.size(1), "b: (S, R, O) float32, contiguous");
+  TORCH_CHECK(slots.dtype() == torch::kLong && slots.numel() == x.size(0) && slots.is_contiguous(), "slots: (N,) int64");
+  TORCH_CHECK(ranks.dtype() == torch::kLong && ranks.numel() == a.size(0) && ranks.is_contiguous(), "ranks: (S,) int64");
+  const int64_t N = x.size(0), K = x.size(1), O = y.size(1), S = a.size(0), R = a.size(2);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* rp = ranks.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(sp[n] >= -1 && sp[n] < S, "slot ", sp[n], " out of range");
+  const float* xp = x.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(R), d(O);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t s = sp[n];
+      const int64_t r = s < 0 ? 0 : std::min(rp[s], R);
+      if (r == 0) continue;
+      std::fill(h.begin(), h.end(), 0.f);
+      const float* as = ap + s * K * R;
+      const float* xn = xp + n * K;
+      for (int64_t k = 0; k < K; ++k) {  // h = A x, as axpys over the rank
+        const float xk = xn[k];
+        const float* ak = as + k * R;
+        for (int64_t j = 0; j < r; ++j) h[j] += xk * ak[j];
+      }
+      std::fill(d.begin(), d.end(), 0.f);
+      const float* bs = bp + s * R * O;
+      for (int64_t j = 0; j < r; ++j) {  // d = B h, as axpys over the outputs
+        const float hj = h[j];
+        const float* bj = bs + j * O;
+        for (int64_t o = 0; o < O; ++o) d[o] += hj * bj[o];
+      }
+      float* yn = yp + n * O;
+      for (int64_t o = 0; o < O; ++o) yn[o] += d[o];
+    }
+  });
+}
+
 // ---- a whole decode step in one call -----------------------------------------------------
 // At a few rows a decode step's matmuls read the weights once and are done in a few
 // milliseconds; driven from Python, the ~25 other operations of each layer (layer norms,
@@ -779,10 +831,21 @@ struct PanelWeight {
   torch::Tensor operator()(const torch::Tensor& x) const { return panel_linear(x, panels, scale, bias, n); }
 };
 
+// A linear layer's adapter slots (lora_add's a, b, ranks); unset where adapters are off.
+struct LoraWeight {
+  c10::optional<torch::Tensor> a, b, ranks;
+  // y after x's low-rank updates, for rows whose slot (slots[n]) holds an adapter
+  torch::Tensor add(const torch::Tensor& x, torch::Tensor y, const c10::optional<torch::Tensor>& slots) const {
+    if (slots.has_value() && a.has_value()) lora_add(x.contiguous(), y, *slots, *a, *b, *ranks);
+    return y;
+  }
+};
+
 struct DecodeLayer {
   torch::Tensor ln1_w, ln1_b, ln2_w, ln2_b;
   PanelWeight qkv, proj, fc, out;
   double scale;
+  LoraWeight lora_qkv, lora_proj, lora_fc, lora_out;
 };
 
 class DecodeStack {
@@ -805,10 +868,24 @@ class DecodeStack {
                        weight(fc, widths[2]), weight(out, widths[3]), scale});
   }
 
+  // A layer's adapter slots (the model's LoRA stack, shared: slots loaded later are seen):
+  // for qkv, proj, fc and out, [a, b, ranks] each.
+  void set_lora(int64_t layer, std::vector<std::vector<torch::Tensor>> weights) {
+    TORCH_CHECK(layer >= 0 && layer < int64_t(layers_.size()) && weights.size() == 4, "set_lora: a layer, 4 weights");
+    DecodeLayer& L = layers_[layer];
+    LoraWeight* targets[4] = {&L.lora_qkv, &L.lora_proj, &L.lora_fc, &L.lora_out};
+    for (int i = 0; i < 4; ++i) {
+      TORCH_CHECK(weights[i].size() == 3, "a LoRA weight: [a, b, ranks]");
+      *targets[i] = LoraWeight{weights[i][0], weights[i][1], weights[i][2]};
+    }
+  }
+
   // ids, positions, slot_mapping, context_lens (B,) int64; block_tables (B, M) int64;
-  // kv (layers, 2, blocks, block_size, H, D) float32 -> the final hidden states (B, C)
+  // kv (layers, 2, blocks, block_size, H, D) float32; lora_slots (B,) int64, each row's
+  // adapter slot (-1: none), or None -> the final hidden states (B, C)
   torch::Tensor forward(torch::Tensor ids, torch::Tensor positions, torch::Tensor kv, torch::Tensor slot_mapping,
-                        torch::Tensor block_tables, torch::Tensor context_lens) const {
+                        torch::Tensor block_tables, torch::Tensor context_lens,
+                        c10::optional<torch::Tensor> lora_slots) const {
     TORCH_CHECK(kv.is_contiguous() && kv.dtype() == torch::kFloat32 && kv.size(0) == int64_t(layers_.size()),
                 "kv: (layers, 2, blocks, block_size, H, D) float32, contiguous");
     const int64_t B = ids.size(0), C = wpe_.size(1), H = n_head_, D = C / H;
@@ -819,7 +896,8 @@ class DecodeStack {
     for (size_t l = 0; l < layers_.size(); ++l) {
       const DecodeLayer& L = layers_[l];
       auto k_cache = kv[l][0], v_cache = kv[l][1];
-      auto qkv = L.qkv(at::layer_norm(x, {C}, L.ln1_w, L.ln1_b, eps_));  // (B, 3C)
+      auto ln1 = at::layer_norm(x, {C}, L.ln1_w, L.ln1_b, eps_);
+      auto qkv = L.lora_qkv.add(ln1, L.qkv(ln1), lora_slots);  // (B, 3C)
       float* kp = k_cache.data_ptr<float>();
       float* vp = v_cache.data_ptr<float>();
       const float* row = qkv.data_ptr<float>();
@@ -829,9 +907,12 @@ class DecodeStack {
       }
       auto q = qkv.narrow(1, 0, C).reshape({B, H, D});
       auto y = paged_decode(q, k_cache, v_cache, block_tables, context_lens, L.scale);
-      x.add_(L.proj(y.reshape({B, C})));
-      auto h = L.fc(at::layer_norm(x, {C}, L.ln2_w, L.ln2_b, eps_));
-      x.add_(L.out(at::gelu_(h, "tanh")));
+      auto attended = y.reshape({B, C});
+      x.add_(L.lora_proj.add(attended, L.proj(attended), lora_slots));
+      auto ln2 = at::layer_norm(x, {C}, L.ln2_w, L.ln2_b, eps_);
+      auto h = L.lora_fc.add(ln2, L.fc(ln2), lora_slots);
+      at::gelu_(h, "tanh");
+      x.add_(L.lora_out.add(h, L.out(h), lora_slots));
     }
     return at::layer_norm(x, {C}, lnf_w_, lnf_b_, eps_);
   }
@@ -853,6 +934,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_argmax", torch::wrap_pybind_function_no_gil(row_argmax), "row_argmax");
   m.def("panel_linear", torch::wrap_pybind_function_no_gil(panel_linear), "panel_linear");
   m.def("panel_rows", torch::wrap_pybind_function_no_gil(panel_rows), "panel_rows");
+  m.def("lora_add", torch::wrap_pybind_function_no_gil(lora_add), "lora_add");
   m.def("simd", &simd, "simd");
   m.def("variants", &variants, "variants");
   m.def("use_variant", &use_variant, "use_variant");
@@ -860,6 +942,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, int64_t, torch::Tensor, torch::Tensor, torch::Tensor,
                     int64_t, double>())
       .def("add_layer", &DecodeStack::add_layer)
+      .def("set_lora", &DecodeStack::set_lora)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
 }
 

@@ -178,7 +178,7 @@ class ServingMessages:
                                              stop_param="stop_sequences"))
         plan = await chat_tools(req, ctx.config)
         generation = open_chat(ctx, chat_messages(req), plan, None, "output_config", req.to_sampling_params,
-                               f"msg_{uuid.uuid4().hex[:24]}", add_generation_prompt=not req.prefilled)
+                               f"msg_{uuid.uuid4().hex[:24]}", req.model, add_generation_prompt=not req.prefilled)
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._events(req, generation, plan),
                                  lambda: self._complete(req, generation, plan), stream_format=ANTHROPIC_STREAM)
@@ -191,7 +191,7 @@ class ServingMessages:
         return CountTokensResponse(input_tokens=len(prompt))
 
     def _message(self, generation: Generation, content: list[ContentBlock], usage: Usage) -> MessagesResponse:
-        return MessagesResponse(id=generation.request_id, model=self.ctx.served_model_name, content=content,
+        return MessagesResponse(id=generation.request_id, model=generation.model, content=content,
                                 usage=anthropic_usage(usage))
 
     async def _complete(self, req: MessagesRequest, generation: Generation, plan: ToolPlan | None) -> MessagesResponse:

@@ -53,7 +53,7 @@ class ServingChat:
         output_format, format_param = await format_grammar(req.response_format, req.structured_outputs, ctx.config)
         generation = open_chat(ctx, req.messages, plan, output_format, format_param,
                                lambda stop, grammar: req.to_sampling_params(extra_stop=stop, grammar=grammar),
-                               f"chatcmpl-{uuid.uuid4().hex}")
+                               f"chatcmpl-{uuid.uuid4().hex}", req.model)
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._chunks(req, generation, plan),
                                  lambda: self._complete(req, generation, plan))
@@ -77,7 +77,7 @@ class ServingChat:
             choices.append(ChatCompletionChoice(
                 index=i, message=message, finish_reason=finish_reason,
                 logprobs=chat_logprobs(tokenizer, choice.logprobs) if req.logprobs else None))
-        return ChatCompletionResponse(id=generation.request_id, model=self.ctx.served_model_name,
+        return ChatCompletionResponse(id=generation.request_id, model=generation.model,
                                       choices=choices, usage=usage_of([result]),
                                       system_fingerprint=self.ctx.system_fingerprint)
 
@@ -86,7 +86,7 @@ class ServingChat:
         created, request_id = int(time.time()), generation.request_id
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return ChatCompletionChunk(id=request_id, created=created, model=self.ctx.served_model_name,
+            return ChatCompletionChunk(id=request_id, created=created, model=generation.model,
                                        choices=choices, usage=usage,
                                        system_fingerprint=self.ctx.system_fingerprint).model_dump_json()
 

@@ -73,7 +73,8 @@ class ServingCompletion:
             params = req.to_sampling_params(grammar=grammar)
         except InvalidSamplingParams as e:  # completions call top_logprobs `logprobs`
             raise InvalidRequestError(str(e), param="logprobs" if e.param == "top_logprobs" else e.param) from None
-        generation = ctx.open_generation(prompts, params, f"cmpl-{uuid.uuid4().hex}", "prompt", grammar_param)
+        generation = ctx.open_generation(prompts, params, f"cmpl-{uuid.uuid4().hex}", req.model, "prompt",
+                                         grammar_param)
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._chunks(req, generation, prompt_texts),
                                  lambda: self._complete(req, generation, prompt_texts))
@@ -116,7 +117,7 @@ class ServingCompletion:
                     logprobs = merge_logprobs([echo_logprobs, generated] if echo_logprobs else [generated])
                 choices.append(CompletionChoice(index=prompt_index * n + i, text=echo_text + choice.text,
                                                 logprobs=logprobs, finish_reason=choice.finish_reason))
-        return CompletionResponse(id=generation.request_id, model=self.ctx.served_model_name,
+        return CompletionResponse(id=generation.request_id, model=generation.model,
                                   choices=choices, usage=usage_of(results),
                                   system_fingerprint=self.ctx.system_fingerprint)
 
@@ -126,7 +127,7 @@ class ServingCompletion:
         writers: dict[int, LogprobWriter] = {}  # by choice index
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            return CompletionResponse(id=request_id, created=created, model=self.ctx.served_model_name,
+            return CompletionResponse(id=request_id, created=created, model=generation.model,
                                       choices=choices, usage=usage,
                                       system_fingerprint=self.ctx.system_fingerprint).model_dump_json()
 

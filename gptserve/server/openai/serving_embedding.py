@@ -26,7 +26,7 @@ class ServingEmbedding:
 
     async def create(self, req: EmbeddingRequest, request: Request) -> Response:
         ctx = self.ctx
-        ctx.admit(req.model)
+        ctx.admit(req.model, generates=False)
         width = ctx.engine.model_config.n_embd
         if req.dimensions is not None and req.dimensions != width:
             raise UnsupportedParameterError(f"dimensions {req.dimensions} is not supported by this server: this "

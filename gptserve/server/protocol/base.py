@@ -222,6 +222,8 @@ class ModelCard(OpenAIModel):
     created: int = Field(default_factory=now)
     owned_by: str = "gptserve"
     max_model_len: int | None = None  # ours
+    root: str | None = None  # vLLM's: what the model was loaded from (a LoRA adapter's folder)
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model
 
 
 class ModelList(OpenAIModel):

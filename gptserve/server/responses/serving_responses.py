@@ -69,7 +69,7 @@ class ServingResponses:
 
         response = self._response(req, new_id("resp"))
         generation = open_chat(ctx, chat_messages(req.instructions, conversation), plan, text_format, "text.format",
-                               sampling, response.id, prompt_param="input")
+                               sampling, response.id, req.model, prompt_param="input")
         writer = OutputWriter(ctx.tokenizer, plan, req.wants_logprobs)
         stream = ResponseStream(response, generation, writer, lambda r: self._finish(r, items))
         return await ctx.respond(request, generation, bool(req.stream), stream.events,
@@ -110,7 +110,7 @@ class ServingResponses:
         tool_choice = req.tool_choice or "auto"
         text_format = req.text.format if req.text and req.text.format else None
         return ResponseObject(
-            id=response_id, created_at=int(time.time()), status="in_progress", model=self.ctx.served_model_name,
+            id=response_id, created_at=int(time.time()), status="in_progress", model=self.ctx.model_name(req.model),
             instructions=req.instructions, max_output_tokens=req.max_output_tokens, max_tool_calls=req.max_tool_calls,
             parallel_tool_calls=req.parallel_tool_calls is not False, previous_response_id=req.previous_response_id,
             store=bool(req.store) and self.store is not None, temperature=req.temperature, top_p=req.top_p,
