@@ -417,6 +417,17 @@ VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "av
                 "amx_tile", "amx_bf16", "amx_int8")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), to print beside every figure."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def vector_flags() -> list[str]:
     """The CPU's vector instruction sets that matter to these kernels (Linux's names)."""
     try:

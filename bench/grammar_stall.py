@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import threading
@@ -29,7 +28,7 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from compare import ROOT, Peer, Server, free_port  # noqa: E402
+from compare import ROOT, Peer, Server, cpu_name, free_port  # noqa: E402
 
 POLL_S = 0.020
 MESSAGES = [{"role": "user", "content": "Answer."}]
@@ -133,16 +132,6 @@ def run_phase(base: str, seconds: float, senders: int) -> dict:
             for name in dict.fromkeys(r["grammar"] for r in grammars)
             for rs in [[r for r in grammars if r["grammar"] == name]]}
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> None:

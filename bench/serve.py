@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import sys
@@ -42,6 +43,7 @@ class RequestSpec:
     prompt: str | list[int] | list[dict]  # text or token ids; chat: a list of messages
     prompt_len: int | None  # expected prompt tokens, when known
     output_len: int
+    model: str | None = None  # None: --model
 
 
 @dataclass
@@ -125,7 +127,7 @@ def jsonl_workload(path: Path, n: int, endpoint: str, default_output_len: int) -
 # ---------------------------------------------------------------- one request
 
 def request_body(args: argparse.Namespace, spec: RequestSpec) -> dict:
-    body: dict = {"model": args.model, "temperature": args.temperature, "stream": True}
+    body: dict = {"model": spec.model or args.model, "temperature": args.temperature, "stream": True}
     if args.endpoint == "responses":
         body.update(input=spec.prompt, max_output_tokens=spec.output_len)
     elif args.endpoint == "messages":
@@ -392,6 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated model names the requests take in turn (several models or LoRA adapters)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--endpoint", choices=list(ENDPOINTS), default="completions")
     p.add_argument("--concurrency", type=int, default=None,
@@ -433,6 +437,9 @@ def main(argv: list[str] | None = None) -> dict:
                                    args.seed, args.prompt_format, args.endpoint, args.vocab)
     else:
         specs = jsonl_workload(Path(args.dataset), args.num_requests, args.endpoint, args.output_len)
+    if args.models:
+        names = args.models.split(",")
+        specs = [dataclasses.replace(s, model=names[i % len(names)]) for i, s in enumerate(specs)]
     results, duration = asyncio.run(run_benchmark(args, specs))
     summary = summarize(results, duration, len(specs))
     print_report(summary)

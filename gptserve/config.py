@@ -136,6 +136,16 @@ class EngineConfig:
 
 
 @dataclass
+class ModelSpec:
+    """One model a server serves: its name, what to load, and the engine's settings for it."""
+
+    name: str  # the model name requests use
+    model: str | None  # a folder or Hub id; None: the bundled model
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    chat_template: str | None = None  # a Jinja file; None: the server's
+
+
+@dataclass
 class ServerConfig:
     """HTTP-facing settings."""
 
@@ -166,6 +176,11 @@ class ServerConfig:
     max_regex_repetition: int = 4096  # how far a counted repetition may expand (server/repetition.py)
     json_number_bounds: bool = True  # bound JSON numbers a schema leaves unbounded (server/schema_rewrite.py)
     enable_lora_runtime_updates: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    # several models (server/models.py): how much their engines may hold together, and when they go
+    models_memory: int | None = None  # bytes; None: no budget
+    idle_unload: float | None = None  # seconds unused before a model is unloaded; None: never
+    model_load_timeout: float = 120.0  # seconds a request waits for its model to load, then 503
+    preload: bool = False  # load every model at start, not on first use
 
 
 def parse_bytes(text: str) -> int:

@@ -10,6 +10,7 @@
   built from equal arguments); `max_shard_size` (e.g. "2MB") shards the safetensors under
   model.safetensors.index.json. Equal arguments give the same folder, built once.
 - `gpt2_small_checkpoint`: the real GPT-2 small shape (124M parameters), random, safetensors.
+- `prometheus_value(text, name, **labels)`: a series' value in a /metrics page.
 - `greedy_decode(model, prompt, n)`: the reference greedy continuation, our GPT2 with a
   DenseAttention KV cache, one sequence alone.
 - `make_adapter(base, seed=0, **lora_config)`: a LoRA adapter folder saved by peft itself
@@ -134,6 +135,15 @@ def tiny_checkpoint(make_checkpoint) -> Path:
 def gpt2_small_checkpoint(make_checkpoint) -> Path:
     """The real GPT-2 small shape (124M parameters), random weights, seed 0, safetensors."""
     return make_checkpoint(shape="gpt2-small")
+
+
+def prometheus_value(text: str, name: str, **labels: str) -> float:
+    """The value of the samples `name` (counters end in _total) whose labels include
+    `labels`, in Prometheus' text format, summed over the rest (one per model); 0.0 if none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def _greedy_decode(model: GPT2, prompt: list[int], n: int) -> list[int]:

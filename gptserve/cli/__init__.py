@@ -38,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from gptserve.engine.placement import resolve_device, resolve_precision
+    from gptserve.engine.placement import held_bytes, resolve_device, resolve_precision
     from gptserve.weights.loader import read_config, resolve_model_path
 
     path = resolve_model_path(args.model)
@@ -68,22 +68,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def held_bytes(cfg, precision) -> int:
-    """The model's weights as the engine holds them: the matrices (linear layers and the tied
-    embedding, one copy) in the weights' format (int8 with a float32 scale per output channel),
-    the rest (biases, layer norms, positions) in the compute dtype."""
-    import torch
-
-    matrices = cfg.n_layer * (4 * cfg.n_embd + 2 * cfg.mlp_dim) * cfg.n_embd + cfg.vocab_size * cfg.n_embd
-    channels = cfg.n_layer * (5 * cfg.n_embd + cfg.mlp_dim) + cfg.vocab_size
-    compute = torch.empty((), dtype=precision.compute).element_size()
-    if precision.weights == "int8":
-        return matrices + 4 * channels + (cfg.num_parameters() - matrices) * compute
-    weights = torch.empty((), dtype=getattr(torch, precision.weights)).element_size()
-    return matrices * weights + (cfg.num_parameters() - matrices) * compute
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gptserve.cli.models_file import ModelsFileError, specs_from_file, specs_from_flags
+
+    engine_config, server_config = flags.engine_config(args), flags.server_config(args)
+    try:
+        if args.models_file and args.model:
+            raise ModelsFileError("give the models with --model or in --models-file, not both")
+        several = bool(args.models_file) or len(args.model or []) > 1
+        if several and server_config.served_model_name:
+            raise ModelsFileError("--served-model-name names one model; with several, name each (--model "
+                                  "NAME=MODEL, or name in --models-file)")
+        specs = (specs_from_file(args.models_file, engine_config) if args.models_file
+                 else specs_from_flags(args.model, engine_config))
+        if several and args.ray:
+            raise ModelsFileError("--ray serves one model")
+    except ModelsFileError as e:
+        print(f"gptserve: error: {e}", file=sys.stderr)
+        return 2
+    if not several:
+        server_config.served_model_name = server_config.served_model_name or specs[0].name
     if args.ray:
         try:
             from gptserve.deploy.launch import cli_spec, run_on_ray
@@ -91,18 +95,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"gptserve: error: --ray needs Ray Serve: pip install 'gptserve[ray]' ({e})", file=sys.stderr)
             return 2
         try:
-            spec = cli_spec(args.model, flags.engine_config(args), flags.server_config(args), args.num_replicas,
+            spec = cli_spec(specs[0].model, engine_config, server_config, args.num_replicas,
                             args.autoscale, not args.no_prefix_affinity, args.replica_num_gpus)
         except ValueError as e:
             print(f"gptserve: error: {e}", file=sys.stderr)
             return 2
         run_on_ray(spec)
         return 0
-    from gptserve.engine.data_parallel import build_engine
+    from gptserve.engine.data_parallel import EngineLoader, build_engine
+    from gptserve.server.models import ModelCatalog
     from gptserve.server.serve import run_server
 
-    server_config = flags.server_config(args)
-    run_server(build_engine(args.model, flags.engine_config(args)), server_config)  # one replica, or one per GPU
+    if several:  # each loaded on first use (or at start with --preload)
+        run_server(ModelCatalog(specs, EngineLoader()), server_config)
+    else:  # loaded now, one replica or one per GPU
+        run_server(build_engine(specs[0].model, specs[0].engine), server_config)
     return 0
 
 
@@ -116,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                            description="Serve /v1/chat/completions, /v1/completions and friends.")
-    flags.engine_args(serve)
+    flags.engine_args(serve, several_models=True)
     flags.serving_engine_args(serve)
     flags.server_args(serve)
     flags.ray_args(serve)
@@ -162,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 InvalidSamplingParams, EngineError)
     if args.command == "serve":
         from gptserve.server.chat_template import ChatTemplateError
+        from gptserve.server.models import ServedModelsError
 
-        user_errors += (ChatTemplateError,)
+        user_errors += (ChatTemplateError, ServedModelsError)
     try:
         return args.func(args)
     except user_errors as e:

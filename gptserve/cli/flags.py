@@ -14,10 +14,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="model folder (Hugging Face layout) or Hub id such as gpt2, gpt2-medium, "
-                        "distilgpt2; default: the bundled model")
+def engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> None:
+    if several_models:
+        p.add_argument("--model", action="append", default=None, metavar="[NAME=]MODEL",
+                       help="model folder (Hugging Face layout) or Hub id such as gpt2, gpt2-medium, distilgpt2, "
+                            "served as NAME when given; repeat it to serve several models (default: the bundled "
+                            "model)")
+    else:
+        p.add_argument("--model", default=None,
+                       help="model folder (Hugging Face layout) or Hub id such as gpt2, gpt2-medium, "
+                            "distilgpt2; default: the bundled model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto: "
                                                  "bfloat16 weights with float32 math on the CPU, bfloat16/float16 "
@@ -144,6 +150,18 @@ def server_args(p: argparse.ArgumentParser) -> None:
                    help="how many stored responses are kept; the oldest go first")
     p.add_argument("--enable-lora-runtime-updates", action="store_true",
                    help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
+    models = p.add_argument_group("several models", "serve several models (--model NAME=MODEL repeated, or a "
+                                  "models file), each loaded on first use and unloaded when memory or idleness says")
+    models.add_argument("--models-file", default=None,
+                        help="a TOML file with one [[models]] table per model: name, model, and engine settings")
+    models.add_argument("--models-memory", type=_size, default=None,
+                        help="bytes the loaded models may hold together (weights, KV pools), e.g. 6GiB; the least "
+                             "recently used idle model is unloaded to make room (default: no limit)")
+    models.add_argument("--idle-unload", type=float, default=None,
+                        help="unload a model unused for this many seconds (default: never)")
+    models.add_argument("--preload", action="store_true", help="load every model at start, not on first use")
+    models.add_argument("--model-load-timeout", type=float, default=d.model_load_timeout,
+                        help="seconds a request waits for its model to load before a 503 with Retry-After")
     limits = p.add_argument_group("request limits", "a request over one is refused with 400 (413 for the body), "
                                                     "the message naming the limit")
     limits.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes,
@@ -192,7 +210,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         max_schema_size=args.max_schema_size, max_choices=args.max_choices, max_tools=args.max_tools,
                         max_grammar_length=args.max_grammar_length, max_regex_repetition=args.max_regex_repetition,
                         json_number_bounds=not args.no_json_number_bounds,
-                        enable_lora_runtime_updates=args.enable_lora_runtime_updates)
+                        enable_lora_runtime_updates=args.enable_lora_runtime_updates,
+                        models_memory=args.models_memory, idle_unload=args.idle_unload, preload=args.preload,
+                        model_load_timeout=args.model_load_timeout)
 
 
 def ray_args(p: argparse.ArgumentParser) -> None:

@@ -61,7 +61,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = build_server_app(self.engine, self.spec.replica_server_config())
-        app.state.serving.metrics.registry.register(FleetCollector(self.engine, app.state.serving))
+        app.state.metrics.registry.register(FleetCollector(self.engine, app.state.serving))
         around_all(app, lambda stack: ReplicaHeader(stack, ingress_name=replica_name()))
         return app
 

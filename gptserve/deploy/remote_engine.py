@@ -53,6 +53,7 @@ class RemoteEngine:
         self.dtype = description.dtype
         self.limits = description.limits
         self.lora_adapters = description.lora_adapters
+        self.memory_bytes = 0  # the replicas hold the model, in processes of their own
         self.max_attempts = max_attempts
         self.requests_retried = 0  # sent again after their replica was lost
         self._calls: dict[str, DeploymentResponseGenerator] = {}  # request id -> its call now

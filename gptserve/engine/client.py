@@ -23,6 +23,7 @@ class EngineClient(Protocol):
     dtype: str  # of the weights and the KV cache, e.g. "float32" or "int8 weights, float32 compute"
     limits: EngineLimits
     lora_adapters: dict[str, str]  # the LoRA adapters loaded at start: name -> folder
+    memory_bytes: int  # what it holds in this process (weights, KV pool); 0 where it runs elsewhere
 
     @property
     def is_ready(self) -> bool:

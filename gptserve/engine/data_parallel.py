@@ -14,11 +14,11 @@ import asyncio
 import dataclasses
 from typing import AsyncIterator
 
-from gptserve.config import EngineConfig
+from gptserve.config import EngineConfig, ModelSpec
 from gptserve.engine.async_engine import AsyncEngine
 from gptserve.engine.engine_process import EngineProcess
 from gptserve.engine.outputs import EngineStats, Inspection, RequestOutput
-from gptserve.engine.placement import PlacementError
+from gptserve.engine.placement import PlacementError, estimated_memory
 from gptserve.engine.sampling_params import SamplingParams
 
 
@@ -74,6 +74,7 @@ class DataParallelEngine:
         self.dtype = first.dtype
         self.limits = first.limits
         self.lora_adapters = first.lora_adapters
+        self.memory_bytes = sum(r.memory_bytes for r in replicas)
         self.in_flight = [0] * len(replicas)
         self.owner: dict[str, int] = {}
 
@@ -144,3 +145,14 @@ def build_engine(model: str | None, config: EngineConfig) -> AsyncEngine | DataP
     if config.data_parallel_size > 1:
         return DataParallelEngine(model, config)
     return AsyncEngine(model, config)
+
+
+class EngineLoader:
+    """How a server of several models (server/models.py) builds each model's engine, and
+    what it expects that engine to hold."""
+
+    def build(self, spec: ModelSpec) -> AsyncEngine | DataParallelEngine:
+        return build_engine(spec.model, spec.engine)
+
+    def estimate(self, spec: ModelSpec) -> int:
+        return estimated_memory(spec.model, spec.engine)

@@ -51,6 +51,7 @@ class EngineProcess:
         self._grammars = GrammarCompiler(self.tokenizer, self.limits.vocab_size)  # the engine's own width
         self._stats = payload["stats"]
         self._lora_adapters = payload["lora_adapters"]  # those loaded at start
+        self._memory_bytes = payload["memory_bytes"]
 
     def prepare_grammar(self, grammar: str) -> Future:
         """Compile and probe the grammar here, in the parent, so that a grammar that can't be
@@ -83,6 +84,9 @@ class EngineProcess:
 
     def lora_adapters(self) -> dict[str, str]:
         return self._lora_adapters
+
+    def memory_bytes(self) -> int:
+        return self._memory_bytes
 
     def has_unfinished(self) -> bool:
         return self._unfinished
@@ -131,7 +135,7 @@ def _serve(conn: Connection, model: str | None, config: EngineConfig, log_level:
         return
     conn.send(("ready", {"tokenizer": engine.tokenizer, "model_config": engine.model_config,
                          "precision": str(engine.precision), "limits": engine.limits, "stats": engine.stats(),
-                         "lora_adapters": engine.lora_adapters()}))
+                         "lora_adapters": engine.lora_adapters(), "memory_bytes": engine.memory_bytes()}))
     while True:
         try:
             name, args = conn.recv()

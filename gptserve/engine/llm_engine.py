@@ -6,6 +6,7 @@ one thread; offline callers (`generate`, the CLI) drive it directly.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from concurrent.futures import Future
 
@@ -205,6 +206,12 @@ class LLMEngine:
         for ids in prompts:
             self.limits.check_prompt(ids)
         return [self.runner.embed(ids) for ids in prompts]
+
+    def memory_bytes(self) -> int:
+        """What this engine holds: weights as held, the KV pool, the LoRA slots."""
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers(), [self.pool.kv])
+        held = sum(t.numel() * t.element_size() for t in tensors)
+        return held + (self.adapters.stack.nbytes() if self.adapters is not None else 0)
 
     def stats(self) -> EngineStats:
         bm, sch = self.block_manager, self.scheduler

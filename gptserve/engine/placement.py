@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gptserve.config import EngineConfig
+from gptserve.config import EngineConfig, ModelConfig
 from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata, PrefillSpan
 from gptserve.model.cpu_kernels import panel_kernels
 from gptserve.model.gpt2 import GPT2
+from gptserve.model.lora import TARGETS, target_shape
+from gptserve.weights.loader import read_config, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,33 @@ def resolve_precision(dtype: str, quantization: str | None, device: torch.device
     if dtype == "auto":  # the kernel is compiled (or its cached build loaded) on first use
         return Precision(torch.float32, "bfloat16" if panel_kernels() is not None else "float32")
     return Precision(torch.float32, str(compute).removeprefix("torch."))
+
+
+def held_bytes(cfg: ModelConfig, precision: Precision) -> int:
+    """The model's weights as the engine holds them: the matrices (linear layers and the tied
+    embedding, one copy) in the weights' format (int8 with a float32 scale per output channel),
+    the rest (biases, layer norms, positions) in the compute dtype."""
+    matrices = cfg.n_layer * (4 * cfg.n_embd + 2 * cfg.mlp_dim) * cfg.n_embd + cfg.vocab_size * cfg.n_embd
+    channels = cfg.n_layer * (5 * cfg.n_embd + cfg.mlp_dim) + cfg.vocab_size
+    compute = torch.empty((), dtype=precision.compute).element_size()
+    if precision.weights == "int8":
+        return matrices + 4 * channels + (cfg.num_parameters() - matrices) * compute
+    weights = torch.empty((), dtype=getattr(torch, precision.weights)).element_size()
+    return matrices * weights + (cfg.num_parameters() - matrices) * compute
+
+
+def estimated_memory(model: str | None, config: EngineConfig) -> int:
+    """Bytes an engine of `model` under `config` will hold, before it is built: its weights as
+    held, its KV pool (as asked, or the CPU's default) and its LoRA slots; for a model
+    registry's budget (an engine reports what it really holds once built)."""
+    cfg = read_config(resolve_model_path(model))
+    precision = resolve_precision(config.dtype, config.quantization, resolve_device(config.device))
+    kv = config.kv_cache_memory if config.kv_cache_memory is not None else CPU_DEFAULT_KV_BYTES
+    lora = 0
+    if config.lora_enabled:
+        per_rank = sum(sum(target_shape(cfg, t)) for t in TARGETS) * cfg.n_layer * 4
+        lora = config.max_loras * config.max_lora_rank * per_rank
+    return held_bytes(cfg, precision) + kv + lora
 
 
 def bind_device(device: torch.device) -> None:

@@ -1,6 +1,8 @@
-"""`build_app(engine, server_config)`: the FastAPI app around one engine.
+"""`build_app(engine, server_config)`: the FastAPI app around one engine, or around several
+models (a ModelCatalog: the registry in models.py loads and unloads them).
 
-The lifespan starts and stops the engine; the routers are each API family's (openai/,
+The lifespan starts the engines (loading every model first with --preload, and unloading
+idle ones with --idle-unload) and stops them; the routers are each API family's (openai/,
 responses/, anthropic/), the shared ones (routes.py) and inspect's; the API key is a
 dependency of all but /health and /metrics; bodies over `max_body_bytes` are refused with
 413 before anyone parses them;
@@ -10,6 +12,7 @@ answers HEAD (head.py).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
@@ -26,22 +29,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gptserve.config import ServerConfig
 from gptserve.server import routes
 from gptserve.server.anthropic import routes as anthropic_routes
-from gptserve.server.anthropic.serving_messages import ServingMessages
-from gptserve.server.chat_template import ChatTemplate
 from gptserve.server.errors import (AuthenticationError, RequestTooLargeError, error_response, error_responses,
                                     install_error_handlers)
 from gptserve.server.head import HeadAsGet
 from gptserve.server.inspect import router as inspect_router
 from gptserve.server.metrics import ServerMetrics
 from gptserve.server.openai import routes as openai_routes
-from gptserve.server.openai.serving_chat import ServingChat
-from gptserve.server.openai.serving_completion import ServingCompletion
-from gptserve.server.openai.serving_embedding import ServingEmbedding
 from gptserve.server.request_id import RequestIdMiddleware
 from gptserve.server.responses import routes as responses_routes
-from gptserve.server.responses.serving_responses import ServingResponses
 from gptserve.server.responses.store import open_store
-from gptserve.server.serving import ServingContext
+from gptserve.server.models import ModelCatalog, ModelRegistry, single_model
+from gptserve.server.serving import ServerState
 
 if TYPE_CHECKING:
     from gptserve.engine.client import EngineClient
@@ -53,7 +51,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 def require_api_key(request: Request) -> None:
     """When the server has a key: `Authorization: Bearer <key>` (OpenAI's clients) or
     `x-api-key: <key>` (Anthropic's); the key is never logged."""
-    expected = request.app.state.serving.config.api_key
+    expected = request.app.state.models.config.api_key
     if not expected:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -108,30 +106,38 @@ class GptServeApp(FastAPI):
         return RequestIdMiddleware(super().build_middleware_stack())
 
 
-def build_app(engine: "EngineClient", server_config: ServerConfig | None = None) -> FastAPI:
+def build_app(served: "EngineClient | ModelCatalog", server_config: ServerConfig | None = None) -> FastAPI:
+    """The app around one engine already built, or around several models (models.py)."""
     config = server_config or ServerConfig()
-    eos = engine.tokenizer.token_str(engine.tokenizer.eos_token_id)
-    ctx = ServingContext(engine, config, ServerMetrics(engine), ChatTemplate.load(config.chat_template, eos, eos))
+    models: ModelRegistry | None = None
+    shared = ServerState(config, ServerMetrics(lambda: models.loaded_engines()))
+    if isinstance(served, ModelCatalog):
+        models = ModelRegistry(served.specs, config, served.loader, shared, served.loaded)
+    else:
+        models = single_model(served, config, shared)
     store = open_store(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        log.info("serving %s (context %d tokens)", ctx.served_model_name, ctx.limits.max_model_len)
+        models.start()
+        for name, engine in models.loaded_engines():
+            log.info("serving %s (context %d tokens)", name, engine.limits.max_model_len)
+        if config.preload:
+            await models.preload()
+        idle_unload = asyncio.ensure_future(models.unload_idle())
         try:
             yield
         finally:
-            await ctx.stop_engine()
+            idle_unload.cancel()
+            await models.stop()
             if store is not None:
                 store.close()
 
     app = GptServeApp(title="gptserve", summary="OpenAI-compatible GPT-2 server", lifespan=lifespan)
-    app.state.serving = ctx
-    app.state.chat = ServingChat(ctx)
-    app.state.completion = ServingCompletion(ctx)
-    app.state.embedding = ServingEmbedding(ctx)
-    app.state.messages = ServingMessages(ctx)
-    app.state.responses = ServingResponses(ctx, store)
+    app.state.models = models
+    app.state.serving = models.first_loaded  # a single-model server's one context (tests, Ray's ingress)
+    app.state.metrics = shared.metrics
+    app.state.store = store
     install_error_handlers(app)
     app.include_router(routes.public_router)
     keyed = [Depends(require_api_key)]

@@ -96,6 +96,10 @@ class NotReadyError(APIError):
     type = "service_unavailable"
     default_code = "not_ready"
 
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, sent as Retry-After
+
 
 class ClientDisconnected(APIError):
     """The client went away before its response was ready; nobody reads the answer."""
@@ -230,7 +234,10 @@ def allowed_methods(request: Request) -> list[str]:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_exception(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(from_exception(exc), path=request.url.path)
+        err = from_exception(exc)
+        retry_after = getattr(err, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return error_response(err, headers=headers, path=request.url.path)
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(validation_error(exc), path=request.url.path)

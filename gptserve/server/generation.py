@@ -18,7 +18,7 @@ from gptserve.engine.client import EngineClient
 from gptserve.engine.outputs import FinishReason, Logprob, RequestOutput
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.server.errors import from_exception
-from gptserve.server.metrics import RequestTracker, ServerMetrics
+from gptserve.server.metrics import ModelMetrics, RequestTracker
 from gptserve.server.protocol.base import PromptTokensDetails, Usage
 
 Item = tuple[int, RequestOutput]  # (prompt index, output)
@@ -26,7 +26,7 @@ _END = object()
 
 
 class Generation:
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics, release_slots: Callable[[], None],
+    def __init__(self, engine: EngineClient, metrics: ModelMetrics, release_slots: Callable[[], None],
                  prompts: list[list[int]], params: list[SamplingParams], request_id: str, prompt_param: str,
                  grammar_param: str, model: str):
         """`params`: one per prompt (each with its own max_tokens). Takes no queue slots

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from gptserve.server.errors import InvalidRequestError
 from gptserve.server.protocol.base import OpenAIModel
+from gptserve.server.routes import model_for
 from gptserve.server.serving import ServingContext
 
 MAX_INSPECT_TOKENS = 128  # a 128 x 128 heatmap still has a few pixels per cell
@@ -59,10 +60,10 @@ def prompt_ids(ctx: ServingContext, prompt: str) -> list[int]:
 
 @router.post("/v1/inspect")
 async def inspect_prompt(body: InspectRequest, request: Request) -> Response:
-    ctx: ServingContext = request.app.state.serving
-    ctx.admit(body.model, generates=False)
-    ids = prompt_ids(ctx, body.prompt)
-    seen = await ctx.call_engine(request, lambda: ctx.engine.inspect(ids, body.top_k, ROUND_DECIMALS), "prompt")
+    async with model_for(request, body.model) as ctx:
+        ctx.admit(body.model, generates=False)
+        ids = prompt_ids(ctx, body.prompt)
+        seen = await ctx.call_engine(request, lambda: ctx.engine.inspect(ids, body.top_k, ROUND_DECIMALS), "prompt")
     config = ctx.engine.model_config
     answer = InspectResponse(
         model=ctx.served_model_name, tokens=ids, token_strs=[ctx.tokenizer.token_str(t) for t in ids],

@@ -1,10 +1,12 @@
-"""Prometheus metrics, one registry per app: the engine's state read at scrape time, and
-latencies the server observes per request."""
+"""Prometheus metrics, one registry per app: each loaded model's engine state read at scrape
+time, and latencies the server observes per request; every series carries the model's name
+(`model_name`, as vLLM labels them)."""
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -39,84 +41,113 @@ ENGINE_SERIES = [
 
 
 class EngineCollector(Collector):
-    """Reads `engine.stats()` whenever Prometheus scrapes, so gauges are never stale."""
+    """Reads each loaded model's `engine.stats()` whenever Prometheus scrapes, so gauges are
+    never stale; every series is labelled with its model (`model_name`, vLLM's label)."""
 
-    def __init__(self, engine: "EngineClient"):
-        self.engine = engine
+    def __init__(self, engines: Callable[[], list[tuple[str, "EngineClient"]]]):
+        self.engines = engines  # the loaded models: (name, engine)
 
     def describe(self) -> Iterator[Metric]:
-        return self._families(None)
+        return self._families([])
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            stats = self.engine.stats()
-        except Exception as e:  # noqa: BLE001 - a dead engine must not break /metrics
-            log.warning("engine stats unavailable: %r", e)
-            return iter(())
+        stats = []
+        for name, engine in self.engines():
+            try:
+                stats.append((name, engine.stats()))
+            except Exception as e:  # noqa: BLE001 - a dead engine must not break /metrics
+                log.warning("engine stats of %s unavailable: %r", name, e)
         return self._families(stats)
 
     @staticmethod
-    def _families(stats: "EngineStats | None") -> Iterator[Metric]:
-        for name, family, field, help_text in ENGINE_SERIES:
-            yield family(name, help_text, value=float(getattr(stats, field)) if stats else 0.0)
-        hit_rate = stats.prefix_cache_hits / stats.prefix_cache_queries if stats and stats.prefix_cache_queries else 0.0
-        yield GaugeMetricFamily("gptserve_prefix_cache_hit_rate",
-                                "Share of looked-up prompt tokens found in the prefix cache, since start.",
-                                value=hit_rate)
+    def _families(models: list[tuple[str, "EngineStats"]]) -> Iterator[Metric]:
+        def family(kind, name: str, help_text: str, labels: tuple[str, ...] = ()) -> Metric:
+            return kind(name, help_text, labels=["model_name", *labels])
+
+        for name, kind, field, help_text in ENGINE_SERIES:
+            f = family(kind, name, help_text)
+            for model, stats in models:
+                f.add_metric([model], float(getattr(stats, field)))
+            yield f
+        hit_rate = family(GaugeMetricFamily, "gptserve_prefix_cache_hit_rate",
+                          "Share of looked-up prompt tokens found in the prefix cache, since start.")
         # The queue depth and KV-cache use an endpoint picker reads from each server (the Gateway API
         # Inference Extension, llm-d), under the names of the extension's model-server protocol:
         # TotalQueuedRequests, TotalRunningRequests and KVCacheUtilization (a fraction, 1 is full) are
         # vllm:num_requests_waiting, vllm:num_requests_running and vllm:kv_cache_usage_perc in
         # kubernetes-sigs/gateway-api-inference-extension, docs/proposals/003-model-server-protocol.
-        kv_usage = stats.kv_blocks_used / stats.kv_blocks_total if stats and stats.kv_blocks_total else 0.0
-        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (the model-server protocol's "
-                                "TotalQueuedRequests).", value=float(stats.num_requests_waiting) if stats else 0.0)
-        yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (the model-server protocol's "
-                                "TotalRunningRequests).", value=float(stats.num_requests_running) if stats else 0.0)
-        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache in use, 1 is full (the model-server "
-                                "protocol's KVCacheUtilization).", value=kv_usage)
-        finished = CounterMetricFamily("gptserve_sequences_finished", "Choices (sequences) finished, by reason.",
-                                       labels=["finish_reason"])
-        for reason, count in sorted((stats.sequences_finished if stats else {}).items()):
-            finished.add_metric([reason], float(count))
-        yield finished
-        yield from EngineCollector._speculation(stats)
+        waiting = family(GaugeMetricFamily, "vllm:num_requests_waiting", "Requests waiting (the model-server "
+                         "protocol's TotalQueuedRequests).")
+        running = family(GaugeMetricFamily, "vllm:num_requests_running", "Requests running (the model-server "
+                         "protocol's TotalRunningRequests).")
+        kv_usage = family(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV cache in use, 1 is full (the "
+                          "model-server protocol's KVCacheUtilization).")
+        finished = family(CounterMetricFamily, "gptserve_sequences_finished", "Choices (sequences) finished, by "
+                          "reason.", ("finish_reason",))
+        for model, stats in models:
+            queries = stats.prefix_cache_queries
+            hit_rate.add_metric([model], stats.prefix_cache_hits / queries if queries else 0.0)
+            waiting.add_metric([model], float(stats.num_requests_waiting))
+            running.add_metric([model], float(stats.num_requests_running))
+            total = stats.kv_blocks_total
+            kv_usage.add_metric([model], stats.kv_blocks_used / total if total else 0.0)
+            for reason, count in sorted(stats.sequences_finished.items()):
+                finished.add_metric([model, reason], float(count))
+        yield from (hit_rate, waiting, running, kv_usage, finished)
+        yield from EngineCollector._speculation(models, family)
 
     @staticmethod
-    def _speculation(stats: "EngineStats | None") -> Iterator[Metric]:
+    def _speculation(models: list[tuple[str, "EngineStats"]], family) -> Iterator[Metric]:
         """Speculative decoding, by method: guesses verified, guesses that stood, their ratio."""
-        drafted = stats.spec_draft_tokens if stats else {}
-        accepted = stats.spec_accepted_tokens if stats else {}
-        draft_family = CounterMetricFamily("gptserve_spec_decode_num_draft_tokens",
-                                           "Speculative guesses verified by the model.", labels=["method"])
-        accepted_family = CounterMetricFamily("gptserve_spec_decode_num_accepted_tokens",
-                                              "Speculative guesses that the model's own tokens confirmed.",
-                                              labels=["method"])
-        rate_family = GaugeMetricFamily("gptserve_spec_decode_acceptance_rate",
-                                        "Share of verified guesses accepted, since start.", labels=["method"])
-        for method in sorted(drafted):
-            draft_family.add_metric([method], float(drafted[method]))
-            accepted_family.add_metric([method], float(accepted.get(method, 0)))
-            rate_family.add_metric([method], accepted.get(method, 0) / drafted[method] if drafted[method] else 0.0)
+        draft_family = family(CounterMetricFamily, "gptserve_spec_decode_num_draft_tokens",
+                              "Speculative guesses verified by the model.", ("method",))
+        accepted_family = family(CounterMetricFamily, "gptserve_spec_decode_num_accepted_tokens",
+                                 "Speculative guesses that the model's own tokens confirmed.", ("method",))
+        rate_family = family(GaugeMetricFamily, "gptserve_spec_decode_acceptance_rate",
+                             "Share of verified guesses accepted, since start.", ("method",))
+        for model, stats in models:
+            drafted, accepted = stats.spec_draft_tokens, stats.spec_accepted_tokens
+            for method in sorted(drafted):
+                draft_family.add_metric([model, method], float(drafted[method]))
+                accepted_family.add_metric([model, method], float(accepted.get(method, 0)))
+                rate_family.add_metric([model, method],
+                                       accepted.get(method, 0) / drafted[method] if drafted[method] else 0.0)
         yield from (draft_family, accepted_family, rate_family)
 
 
+@dataclass
+class ModelMetrics:
+    """One model's series of the server's histograms and counters (labelled with its name)."""
+
+    registry: CollectorRegistry
+    time_to_first_token: Histogram
+    inter_token_latency: Histogram
+    e2e_request_latency: Histogram
+    requests_rejected: Counter
+
+
 class ServerMetrics:
-    def __init__(self, engine: "EngineClient"):
+    def __init__(self, engines: Callable[[], list[tuple[str, "EngineClient"]]]):
+        """`engines`: the loaded models, (name, engine), read at every scrape."""
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(engines))
+        labels = ["model_name"]
         self.time_to_first_token = Histogram(
-            "gptserve_time_to_first_token_seconds", "From arrival to the first generated token.",
+            "gptserve_time_to_first_token_seconds", "From arrival to the first generated token.", labels,
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inter_token_latency = Histogram(
-            "gptserve_inter_token_latency_seconds", "Between consecutive generated tokens of a request.",
+            "gptserve_inter_token_latency_seconds", "Between consecutive generated tokens of a request.", labels,
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.e2e_request_latency = Histogram(
-            "gptserve_e2e_request_latency_seconds", "From arrival to the last token.",
+            "gptserve_e2e_request_latency_seconds", "From arrival to the last token.", labels,
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.requests_rejected = Counter(
-            "gptserve_requests_rejected", "Requests refused because the queue was full.",
+            "gptserve_requests_rejected", "Requests refused because the queue was full.", labels,
             registry=self.registry)
+
+    def for_model(self, name: str) -> ModelMetrics:
+        return ModelMetrics(self.registry, self.time_to_first_token.labels(name), self.inter_token_latency.labels(name),
+                            self.e2e_request_latency.labels(name), self.requests_rejected.labels(name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -125,7 +156,7 @@ class ServerMetrics:
 class RequestTracker:
     """One engine request's latencies, recorded as its outputs arrive."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ModelMetrics):
         self.metrics = metrics
         self.arrival = time.monotonic()
         self.last_token_time: float | None = None

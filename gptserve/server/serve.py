@@ -1,5 +1,5 @@
-"""`run_server(engine, server_config)`: serve an engine with uvicorn (`gptserve serve` builds
-the engine first).
+"""`run_server(engine, server_config)`: serve an engine, or several models, with uvicorn
+(`gptserve serve` builds a single model's engine first).
 
 On SIGINT/SIGTERM uvicorn stops accepting connections; before it waits for the open
 ones, the engine ends every in-flight request, so each stream sends its last chunk
@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from gptserve.config import ServerConfig
 from gptserve.engine.client import EngineClient
 from gptserve.server.app import build_app
+from gptserve.server.models import ModelCatalog
 from gptserve.server.serving import STREAM_SHUTDOWN_GRACE_S
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,10 @@ class DrainingServer(uvicorn.Server):
 def make_server(app: FastAPI, server_config: ServerConfig, log_level: int | str = "info") -> DrainingServer:
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=log_level,
                             timeout_graceful_shutdown=int(STREAM_SHUTDOWN_GRACE_S) + 5)
-    return DrainingServer(config, drain=app.state.serving.stop_engine)
+    return DrainingServer(config, drain=app.state.models.stop)
 
 
-def run_server(engine: EngineClient, server_config: ServerConfig) -> None:
-    app = build_app(engine, server_config)
+def run_server(served: EngineClient | ModelCatalog, server_config: ServerConfig) -> None:
+    app = build_app(served, server_config)
     log.info("listening on http://%s:%d", server_config.host, server_config.port)
     make_server(app, server_config, log_level=logging.getLogger().level or logging.INFO).run()

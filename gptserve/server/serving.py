@@ -1,5 +1,8 @@
 """What every API request shares on its way to the engine and back.
 
+A `ServingContext` is one served model: its engine, tokenizer, limits and chat template;
+every model of a server shares one `ServerState` (settings, metrics, the queue's slots),
+and the model registry (models.py) hands a request the context of the model it names.
 A request meets one admission first (`ServingContext.admit`): the model name, readiness,
 and the server's own limits (ServerConfig) on its sampling settings. Its serving class
 then turns the body into prompt token ids and SamplingParams; `open_generation` takes one
@@ -72,24 +75,43 @@ class LimitedSettings:
     stop_param: str = "stop"
 
 
-class ServingContext:
-    """The engine and the server's settings, limits and queue, shared by all routes."""
+class ServerState:
+    """What every served model shares: the settings, the metrics, the queue's slots, draining."""
 
-    def __init__(self, engine: EngineClient, config: ServerConfig, metrics: ServerMetrics,
-                 chat_template: ChatTemplate):
+    def __init__(self, config: ServerConfig, metrics: ServerMetrics):
+        self.config, self.metrics = config, metrics
+        self.num_in_flight = 0  # queue slots taken: engine requests admitted and not yet closed
+        self.draining = False
+
+
+class ServingContext:
+    """One served model: its engine, tokenizer, limits and chat template, and the server's
+    shared state; every route of a request for this model works through it."""
+
+    def __init__(self, engine: EngineClient, shared: ServerState, chat_template: ChatTemplate, name: str):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.limits = engine.limits
-        self.config = config
-        self.metrics = metrics
+        self.shared = shared
+        self.config = shared.config
+        self.metrics = shared.metrics.for_model(name)
         self.chat_template = chat_template
-        self.served_model_name = config.served_model_name or engine.model_name
+        self.served_model_name = name
         self.adapters: dict[str, str] = dict(engine.lora_adapters)  # LoRA adapters by name (their folders)
         self.created = int(time.time())
         self.system_fingerprint = system_fingerprint(engine)
-        self.num_in_flight = 0  # queue slots taken: engine requests admitted and not yet closed
-        self.draining = False
+        self.num_model_in_flight = 0  # of the queue's slots, those this model's requests hold
+        self.on_idle: Callable[[], None] = lambda: None  # called when its last request ends (models.py)
         self._engine_stopped: asyncio.Future | None = None
+
+    @property
+    def num_in_flight(self) -> int:
+        """Queue slots taken on the whole server."""
+        return self.shared.num_in_flight
+
+    @property
+    def draining(self) -> bool:
+        return self.shared.draining
 
     # --- admission: the checks every request meets first, in this order ---
 
@@ -176,10 +198,14 @@ class ServingContext:
             self.metrics.requests_rejected.inc()
             raise QueueFullError(f"The server already has {self.num_in_flight} requests in flight, its limit is "
                                  f"{limit} (--max-queued-requests). Retry later.")
-        self.num_in_flight += n
+        self.shared.num_in_flight += n
+        self.num_model_in_flight += n
 
     def release_slots(self, n: int) -> None:
-        self.num_in_flight -= n
+        self.shared.num_in_flight -= n
+        self.num_model_in_flight -= n
+        if self.num_model_in_flight == 0:
+            self.on_idle()
 
     async def call_engine(self, request: Request, work: Callable[[], Awaitable[T]], prompt_param: str) -> T:
         """An engine call that is not a generation (inspect, embed): it holds one queue slot
@@ -242,7 +268,6 @@ class ServingContext:
 
     async def stop_engine(self) -> None:
         """Ends in-flight requests (their streams finish cleanly) and stops the engine; idempotent."""
-        self.draining = True
         if self._engine_stopped is None:
             self._engine_stopped = asyncio.ensure_future(self.engine.shutdown())
         await asyncio.shield(self._engine_stopped)

@@ -20,6 +20,7 @@ from ray import serve  # noqa: E402
 from gptserve.config import EngineConfig, ServerConfig  # noqa: E402
 from gptserve.deploy.application import build_application  # noqa: E402
 from gptserve.deploy.spec import AppSpec, Routing, Scaling  # noqa: E402
+from tests.conftest import prometheus_value  # noqa: E402
 from tests.server.conftest import API_KEY, MODEL_NAME  # noqa: E402
 
 APP_NAME = "gptserve"
@@ -62,12 +63,9 @@ class RayApp:
                             **{"timeout": 60, **kwargs})
 
     def metric(self, name: str) -> float:
-        """One unlabelled series of the ingress's /metrics."""
+        """A series of the ingress's /metrics (summed over its labels)."""
         with self.http() as http:
-            for line in http.get("/metrics").text.splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        raise KeyError(name)
+            return prometheus_value(http.get("/metrics").text, name)
 
     def running_engine_replicas(self) -> int:
         """How many engine replicas Serve reports running."""

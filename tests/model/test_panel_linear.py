@@ -141,7 +141,7 @@ def test_the_weights_are_held_once_in_their_format(fmt):
     """Every matrix once (the tied embedding and LM head one copy), in the format's bytes;
     float32 only for biases, layer norms, positions and int8's scales; and `gptserve info`
     says so."""
-    from gptserve.cli import held_bytes
+    from gptserve.engine.placement import held_bytes
     from gptserve.config import ModelConfig
     from gptserve.engine.placement import Precision
 

@@ -21,6 +21,7 @@ import pytest
 from gptserve.config import EngineConfig, ServerConfig
 from gptserve.engine.async_engine import AsyncEngine
 from gptserve.server.app import build_app
+from gptserve.server.models import ModelCatalog
 from gptserve.server.serve import DrainingServer, make_server
 from gptserve.server.serving import ServingContext
 
@@ -65,13 +66,23 @@ class RunningServer:
         assert not self.thread.is_alive(), "server did not stop"
 
 
+def server_engine_config(**settings) -> EngineConfig:
+    """The engine settings of test servers: the CPU, `--dtype auto`, a small KV pool."""
+    return EngineConfig(**{"device": "cpu", "dtype": "auto", "kv_cache_memory": 8 * 2**20, "enforce_eager": True,
+                           **settings})
+
+
 def start_server(model_dir: Path, engine_settings: dict | None = None, **server_settings) -> RunningServer:
-    engine_config = EngineConfig(**{"device": "cpu", "dtype": "auto", "kv_cache_memory": 8 * 2**20,
-                                    "enforce_eager": True, **(engine_settings or {})})
+    server_settings.setdefault("served_model_name", MODEL_NAME)
+    return serve(AsyncEngine(str(model_dir), server_engine_config(**(engine_settings or {}))), **server_settings)
+
+
+def serve(served: AsyncEngine | ModelCatalog, **server_settings) -> RunningServer:
+    """Serve an engine, or several models, on a free port of 127.0.0.1."""
     # stored responses go to a fresh directory, never the user's own state directory
     server_settings.setdefault("state_dir", tempfile.mkdtemp(prefix="gptserve-state-"))
-    server_config = dataclasses.replace(ServerConfig(port=0, served_model_name=MODEL_NAME), **server_settings)
-    app = build_app(AsyncEngine(str(model_dir), engine_config), server_config)
+    server_config = dataclasses.replace(ServerConfig(port=0), **server_settings)
+    app = build_app(served, server_config)
     server = make_server(app, server_config, log_level="warning")
     thread = threading.Thread(target=server.run, name="gptserve-test-server", daemon=True)
     thread.start()
@@ -80,7 +91,8 @@ def start_server(model_dir: Path, engine_settings: dict | None = None, **server_
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(server, thread, f"http://127.0.0.1:{port}", server_config.api_key or "unused")
+    return RunningServer(server, thread, f"http://127.0.0.1:{port}", server_config.api_key or "unused",
+                         server_config.served_model_name or MODEL_NAME)
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,12 @@ import time
 
 import httpx
 
+from tests.conftest import prometheus_value
+
 
 
 def kv_blocks_used(http: httpx.Client) -> float:
-    line = next(ln for ln in http.get("/metrics").text.splitlines() if ln.startswith("gptserve_kv_blocks_used "))
-    return float(line.split()[-1])
+    return prometheus_value(http.get("/metrics").text, "gptserve_kv_blocks_used")
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import httpx
 import openai
 
+from tests.conftest import prometheus_value
+
 
 def test_models_lists_the_served_model_name(client: openai.OpenAI):
     models = client.models.list()
@@ -31,22 +33,18 @@ def test_metrics_expose_engine_and_latency_series(http: httpx.Client):
                  "gptserve_time_to_first_token_seconds_bucket", "gptserve_inter_token_latency_seconds_bucket",
                  "gptserve_prompt_tokens_total", "gptserve_generation_tokens_total"):
         assert f"\n{name}" in text, name
-    assert metric(text, "gptserve_kv_blocks_total") > 0
-    assert metric(text, "gptserve_generation_tokens_total") >= 3
+    assert prometheus_value(text, "gptserve_kv_blocks_total") > 0
+    assert prometheus_value(text, "gptserve_generation_tokens_total") >= 3
 
 
 def test_metrics_carry_the_gateway_inference_extension_gauges(http: httpx.Client):
     """An endpoint picker (Gateway API Inference Extension, llm-d) reads these by vLLM's names."""
     text = http.get("/metrics").text
     for name in ("vllm:num_requests_waiting", "vllm:num_requests_running"):
-        assert f"# TYPE {name} gauge" in text and metric(text, name) >= 0
-    usage = metric(text, "vllm:kv_cache_usage_perc")
-    assert usage == metric(text, "gptserve_kv_blocks_used") / metric(text, "gptserve_kv_blocks_total")
+        assert f"# TYPE {name} gauge" in text and prometheus_value(text, name) >= 0
+    usage = prometheus_value(text, "vllm:kv_cache_usage_perc")
+    assert usage == prometheus_value(text, "gptserve_kv_blocks_used") / prometheus_value(text, "gptserve_kv_blocks_total")
 
-
-def metric(text: str, name: str) -> float:
-    """The value of an unlabelled series in Prometheus' text format."""
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
 def test_tokenize_a_prompt(http: httpx.Client):

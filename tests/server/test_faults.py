@@ -25,6 +25,7 @@ from gptserve.engine.async_engine import AsyncEngine
 from gptserve.engine.sequence import Sequence
 from gptserve.model.attention import KVPool
 from gptserve.weights.loader import read_config
+from tests.conftest import prometheus_value
 from tests.server.conftest import RunningServer
 from tests.server.test_concurrency import kv_blocks_used, wait_until
 from tests.server.test_errors import assert_error
@@ -53,9 +54,8 @@ def streamed_text(events: list[str]) -> tuple[str, set[str | None]]:
     return text, {ch["finish_reason"] for c in chunks for ch in c.get("choices", []) if ch["finish_reason"]}
 
 
-def metric(http: httpx.Client, name: str) -> float:
-    line = next((ln for ln in http.get("/metrics").text.splitlines() if ln.startswith(name + " ")), None)
-    return float(line.split()[-1]) if line else 0.0
+def metric(http: httpx.Client, name: str, **labels: str) -> float:
+    return prometheus_value(http.get("/metrics").text, name, **labels)
 
 
 def assert_nothing_held(running: RunningServer) -> None:

@@ -7,19 +7,19 @@ import json
 
 import httpx
 
+from tests.conftest import prometheus_value
 from tests.server.conftest import RunningServer
 from tests.server.test_concurrency import kv_blocks_used, wait_until
 
 LONG = 240  # tokens: the tiny model's whole context, many steps longer than an abort takes
 
 
-def metric(http: httpx.Client, name: str) -> float:
-    line = next((ln for ln in http.get("/metrics").text.splitlines() if ln.startswith(name + " ")), None)
-    return float(line.split()[-1]) if line else 0.0
+def metric(http: httpx.Client, name: str, **labels: str) -> float:
+    return prometheus_value(http.get("/metrics").text, name, **labels)
 
 
 def aborted(http: httpx.Client) -> float:
-    return metric(http, 'gptserve_sequences_finished_total{finish_reason="abort"}')
+    return metric(http, "gptserve_sequences_finished_total", finish_reason="abort")
 
 
 def generated(http: httpx.Client) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import prometheus_value
 from tests.server.conftest import API_KEY, RunningServer, start_server
 
 BROWSER_DIR = Path(__file__).parent / "browser"
@@ -67,10 +68,9 @@ def session(browser_driver, long_context_server) -> dict:
     return drive(browser_driver, long_context_server, "session")
 
 
-def metric(server: RunningServer, line_start: str) -> float:
+def metric(server: RunningServer, name: str, **labels: str) -> float:
     with server.http() as http:
-        text = http.get("/metrics").text
-    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)), 0.0)
+        return prometheus_value(http.get("/metrics").text, name, **labels)
 
 
 def test_the_page_and_its_files_are_served_without_a_key(keyed_server):
@@ -114,7 +114,7 @@ def test_stop_cuts_the_reply_mid_stream_and_the_server_aborts_it(session, long_c
     while long_context_server.serving.num_in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
     assert long_context_server.serving.num_in_flight == 0
-    assert metric(long_context_server, 'gptserve_sequences_finished_total{finish_reason="abort"}') == 1
+    assert metric(long_context_server, "gptserve_sequences_finished_total", finish_reason="abort") == 1
 
 
 def test_the_prompt_tokenization_is_shown(session, long_context_server):

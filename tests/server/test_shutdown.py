@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import prometheus_value
+
 LONG_STREAM = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 240, "stream": True,
                "ignore_eos": True}
 
@@ -59,8 +61,7 @@ def wait_until_healthy(proc: subprocess.Popen, base: str, timeout: float = 120) 
 
 
 def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+    return prometheus_value(httpx.get(f"{base}/metrics").text, name)
 
 
 IN_FLIGHT = [  # (path, body): streams of both kinds, one of two choices, and a whole answer

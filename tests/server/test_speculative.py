@@ -2,13 +2,13 @@
 the official client, and the guesses counted in /metrics."""
 from __future__ import annotations
 
-import re
 
 import httpx
 import openai
 import pytest
 
 from gptserve.config import SpeculativeConfig
+from tests.conftest import prometheus_value
 from tests.server.conftest import start_server
 
 
@@ -42,8 +42,8 @@ def test_stop_strings_cut_inside_an_accepted_run(server, ngram_server):
 def test_metrics_count_guesses_and_accepted_guesses_by_method(ngram_server):
     stream_text(ngram_server.client(), "And God said, Let there be light")
     text = httpx.get(ngram_server.base_url + "/metrics").text
-    drafted = float(re.search(r'gptserve_spec_decode_num_draft_tokens_total\{method="ngram"\} (\S+)', text)[1])
-    accepted = float(re.search(r'gptserve_spec_decode_num_accepted_tokens_total\{method="ngram"\} (\S+)', text)[1])
-    rate = float(re.search(r'gptserve_spec_decode_acceptance_rate\{method="ngram"\} (\S+)', text)[1])
+    drafted = prometheus_value(text, "gptserve_spec_decode_num_draft_tokens_total", method="ngram")
+    accepted = prometheus_value(text, "gptserve_spec_decode_num_accepted_tokens_total", method="ngram")
+    rate = prometheus_value(text, "gptserve_spec_decode_acceptance_rate", method="ngram")
     assert 0 < accepted <= drafted
     assert rate == pytest.approx(accepted / drafted)

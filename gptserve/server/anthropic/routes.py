@@ -7,7 +7,9 @@ from fastapi.responses import Response
 
 from gptserve.server.anthropic.answers import AnthropicErrorResponse, CountTokensResponse, MessagesResponse
 from gptserve.server.anthropic.protocol import CountTokensRequest, MessagesRequest
+from gptserve.server.anthropic.serving_messages import ServingMessages
 from gptserve.server.errors import error_responses
+from gptserve.server.routes import model_for
 
 router = APIRouter()
 
@@ -26,9 +28,11 @@ def messages_responses() -> dict:
 
 @router.post("/v1/messages", responses=messages_responses())
 async def create_message(body: MessagesRequest, request: Request) -> Response:
-    return await request.app.state.messages.create(body, request)
+    async with model_for(request, body.model) as ctx:
+        return await ServingMessages(ctx).create(body, request)
 
 
 @router.post("/v1/messages/count_tokens", responses=error_responses(401, 404, model=AnthropicErrorResponse))
 async def count_message_tokens(body: CountTokensRequest, request: Request) -> CountTokensResponse:
-    return await request.app.state.messages.count_tokens(body)
+    async with model_for(request, body.model) as ctx:
+        return await ServingMessages(ctx).count_tokens(body)

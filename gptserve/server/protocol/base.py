@@ -224,6 +224,7 @@ class ModelCard(OpenAIModel):
     max_model_len: int | None = None  # ours
     root: str | None = None  # vLLM's: what the model was loaded from (a LoRA adapter's folder)
     parent: str | None = None  # vLLM's: a LoRA adapter's base model
+    state: Literal["loaded", "loading", "unloaded"] | None = None  # ours: whether it is in memory now
 
 
 class ModelList(OpenAIModel):

@@ -9,6 +9,7 @@ from gptserve.server.protocol.base import OpenAIRequest
 class LoadLoRAAdapterRequest(OpenAIRequest):
     lora_name: str = Field(min_length=1, max_length=256)  # the model name requests will use
     lora_path: str = Field(min_length=1)  # a PEFT adapter folder on the server's machine
+    base_model_name: str | None = None  # ours: which served model it adapts (default: the first)
 
 
 class UnloadLoRAAdapterRequest(OpenAIRequest):

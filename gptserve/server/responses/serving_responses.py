@@ -48,7 +48,8 @@ async def text_format_grammar(text_format: TextFormat | None, config: ServerConf
 
 
 class ServingResponses:
-    def __init__(self, ctx: ServingContext, store: ResponseStore | None):
+    def __init__(self, ctx: ServingContext | None, store: ResponseStore | None):
+        """`ctx`: the model that answers (None where only stored responses are read)."""
         self.ctx, self.store = ctx, store
 
     async def create(self, req: ResponsesRequest, request: Request) -> Response:
