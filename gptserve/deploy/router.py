@@ -28,11 +28,14 @@ import gptserve.deploy.fleet as fleet
 from gptserve.engine.block_manager import chained_block_hashes
 
 
-def prefix_hashes(prompt_token_ids: list[int], block_size: int, max_blocks: int) -> list[int]:
+def prefix_hashes(prompt_token_ids: list[int], block_size: int, max_blocks: int,
+                  adapter: str | None = None) -> list[int]:
     """The chained hashes of the prompt's leading full blocks, as the prefix cache computes
-    them (never the block of the last token: the engine always recomputes it)."""
+    them (never the block of the last token: the engine always recomputes it); a LoRA
+    adapter's requests hash from a root of their own, as their KV blocks are their own."""
     num_blocks = min((len(prompt_token_ids) - 1) // block_size, max_blocks)
-    return [h for h, _ in chained_block_hashes(prompt_token_ids, block_size, num_blocks)]
+    root = None if adapter is None else hash(("lora", adapter))
+    return [h for h, _ in chained_block_hashes(prompt_token_ids, block_size, num_blocks, parent=root)]
 
 
 class PrefixTable:
@@ -83,7 +86,8 @@ class PrefixAffinityRouter(RequestRouter):
     def _prompt_hashes(self, pending: PendingRequest | None) -> list[int] | None:
         if pending is None or pending.metadata.call_method != "generate" or not pending.args:
             return None
-        return prefix_hashes(pending.args[0], self.block_size, self.max_prefix_blocks)
+        params = pending.args[1] if len(pending.args) > 1 else None
+        return prefix_hashes(pending.args[0], self.block_size, self.max_prefix_blocks, getattr(params, "adapter", None))
 
     def _load(self, replica_id: ReplicaID) -> int:
         """Ongoing requests as last seen (Serve's queue-length cache; unknown counts as idle)."""

@@ -19,7 +19,6 @@ pays a wake-up: loaded on one thread and run on another, GPT-2 small's linear la
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import queue
 import threading
@@ -30,7 +29,6 @@ from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.outputs import (EngineDeadError, EngineStats, GrammarError, Inspection,
                                      RequestFailedError, RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
-from gptserve.weights.loader import release_freed_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,16 +79,12 @@ class AsyncEngine:
         self._stepping_allowed.set()  # a never-started loop starts, finds nothing to do and ends
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10)
-        if not self._thread.is_alive():  # let the weights and the KV pool go (a model registry unloads)
-            self.engine = None
-            gc.collect()
-            release_freed_memory()
+        if not self._thread.is_alive():  # the loop has stopped: let the weights and the KV pool go
+            self.engine.release()
 
     # ---- requests ---------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        with self._lock:
-            self._check_running()
         if params.grammar is not None:  # a GrammarError raises here, before the request exists
             # shielded: the compile is shared by every request with this grammar, and a caller
             # that goes away must not cancel it for the others

@@ -91,6 +91,9 @@ class EngineProcess:
     def has_unfinished(self) -> bool:
         return self._unfinished
 
+    def release(self) -> None:
+        """Nothing to drop here: the child's memory goes when it is closed."""
+
     def stats(self):
         return self._stats
 

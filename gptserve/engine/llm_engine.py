@@ -6,6 +6,7 @@ one thread; offline callers (`generate`, the CLI) drive it directly.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from concurrent.futures import Future
@@ -21,6 +22,7 @@ from gptserve.engine.speculative import SpeculationStats
 from gptserve.engine.sequence import Request, Sequence, rows_by_sequence
 from gptserve.model.gpt2 import GPT2
 from gptserve.model.tokenizer import Tokenizer
+from gptserve.weights.loader import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,14 @@ class LLMEngine:
         for ids in prompts:
             self.limits.check_prompt(ids)
         return [self.runner.embed(ids) for ids in prompts]
+
+    def release(self) -> None:
+        """Drop the weights, the KV pool and the adapters' slots, once the step loop has
+        stopped for good (a model registry unloads this engine); the counters stay readable."""
+        self.model = self.pool = self.runner = self.speculator = None
+        self.adapters = self.scheduler.adapters = None
+        gc.collect()
+        release_freed_memory()
 
     def memory_bytes(self) -> int:
         """What this engine holds: weights as held, the KV pool, the LoRA slots."""

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from gptserve.config import ModelConfig
 from gptserve.engine.outputs import AdapterError, AdapterNotFoundError
-from gptserve.engine.sequence import Sequence
 from gptserve.model.lora import LoRAStack, LoRAWeights
 from gptserve.weights.lora import LoRAError, read_lora
 
@@ -83,14 +82,12 @@ class AdapterTable:
         return self.adapters[name].cache_key
 
     # ---- slots ---------------------------------------------------------------------------
-    def acquire(self, seq: Sequence) -> bool:
-        """Give seq its adapter's slot (seq.lora_slot); False when every slot is busy."""
-        adapter = seq.adapter
-        if adapter is None:
-            return True
+    def acquire(self, adapter: Adapter) -> int | None:
+        """A running sequence's hold on its adapter's slot: the slot (the adapter loaded into
+        the least recently used idle one if it has none), or None when every slot is busy."""
         if adapter.slot is None:
             if not self.idle:
-                return False
+                return None
             slot, _ = self.idle.popitem(last=False)
             old = self.slots[slot]
             if old is not None:
@@ -101,15 +98,10 @@ class AdapterTable:
         elif adapter.num_running == 0:
             del self.idle[adapter.slot]
         adapter.num_running += 1
-        seq.lora_slot = adapter.slot
-        return True
+        return adapter.slot
 
-    def release(self, seq: Sequence) -> None:
-        """seq no longer runs: its slot is idle once no sequence needs it."""
-        adapter = seq.adapter
-        if adapter is None or seq.lora_slot < 0:
-            return
-        seq.lora_slot = -1
+    def release(self, adapter: Adapter) -> None:
+        """A sequence stopped running on `adapter`: its slot is idle once no sequence needs it."""
         adapter.num_running -= 1
         if adapter.num_running == 0:
             if self.adapters.get(adapter.name) is adapter:

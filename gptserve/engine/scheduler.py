@@ -105,12 +105,11 @@ class Scheduler:
         no_adapter_slot: list[Sequence] = []  # their adapter must wait for a slot: they keep their place
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.adapters is not None and not self.adapters.acquire(seq):
+            if not self._take_adapter_slot(seq):
                 no_adapter_slot.append(self.waiting.popleft())
                 continue
             if not bm.allocate(seq):
-                if self.adapters is not None:
-                    self.adapters.release(seq)
+                self._give_adapter_slot(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -138,11 +137,23 @@ class Scheduler:
                 seq.decoding.keep_guesses(0)
                 batch.decodes.append(seq)
 
+    def _take_adapter_slot(self, seq: Sequence) -> bool:
+        """seq's hold on its LoRA adapter's slot (seq.lora_slot); False while every slot is busy."""
+        if seq.adapter is None:
+            return True
+        slot = self.adapters.acquire(seq.adapter)
+        seq.lora_slot = -1 if slot is None else slot
+        return slot is not None
+
+    def _give_adapter_slot(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            self.adapters.release(seq.adapter)
+            seq.lora_slot = -1
+
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
-        if self.adapters is not None:
-            self.adapters.release(seq)
+        self._give_adapter_slot(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

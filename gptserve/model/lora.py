@@ -15,8 +15,9 @@ updates to a linear layer's output in place.
 
 On the CPU with the compiled kernels the update is `lora_add` (csrc/cpu_kernels.cpp), one
 matrix-vector product per row with its slot's weights: a row's result never depends on its
-batch, and the one-call decode step (cpu_decode.py) runs the same kernel. Elsewhere it is a
-pair of matmuls per adapter present in the batch.
+batch, and the one-call decode step (cpu_decode.py) runs the same kernel. On a GPU it is
+the same per-row product in Triton (triton_lora.py). Elsewhere (no kernels) it is a pair of
+matmuls per adapter present in the batch.
 """
 from __future__ import annotations
 
@@ -75,6 +76,11 @@ class LoRASlots:
         kernels = panel_kernels()
         if kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32:
             kernels.lora_add(x.contiguous(), y, slots, self.a, self.b, self.ranks)
+            return
+        if x.device.type == "cuda":
+            from gptserve.model.triton_lora import lora_add  # needs triton: only on a GPU
+
+            lora_add(x, y, slots, self.a, self.b)  # a slot's padded rank columns are zeros
             return
         for slot in slots.unique().tolist():
             if slot < 0:

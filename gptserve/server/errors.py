@@ -119,7 +119,7 @@ ERROR_STATUSES = {
     413: "Request body larger than --max-body-bytes",
     429: "Too many requests in flight (--max-queued-requests)",
     500: "The engine failed this request; the message carries the request id",
-    503: "Not ready, or shutting down",
+    503: "Not ready, shutting down, or the model still loading (Retry-After)",
 }
 
 

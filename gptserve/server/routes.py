@@ -76,7 +76,8 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
     return next(card for card in _model_cards(models) if card.id == model)
 
 
-@lora_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=error_responses(400, 404))
+@lora_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
+                  responses=error_responses(400, 404, 503))
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
     """Serve the PEFT adapter in folder `lora_path` as the model `lora_name`, on the model
     `base_model_name` (default: the server's first)."""
@@ -104,7 +105,7 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
-@api_router.post("/tokenize", responses=error_responses(404))
+@api_router.post("/tokenize", responses=error_responses(404, 503))
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     async with model_for(request, body.model) as ctx:
         return _tokenize(ctx, body)
@@ -129,14 +130,14 @@ def special_tokens_allowed(ctx: ServingContext, names: Literal["all"] | list[str
     return known if names == "all" else set(names)
 
 
-@api_router.post("/detokenize", responses=error_responses(404))
+@api_router.post("/detokenize", responses=error_responses(404, 503))
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     async with model_for(request, body.model) as ctx:
         ctx.check_token_ids(body.tokens, "tokens")
         return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))
 
 
-@api_router.get("/tokenizer_info")
+@api_router.get("/tokenizer_info", responses=error_responses(404, 503))
 async def tokenizer_info(request: Request, model: str | None = None) -> TokenizerInfoResponse:
     async with model_for(request, model) as ctx:
         return _tokenizer_info(ctx)

@@ -59,6 +59,14 @@ def test_prompts_are_hashed_as_the_prefix_cache_hashes_them(tiny_checkpoint):
     assert len(prefix_hashes(prompt, BLOCK, max_blocks=2)) == 2
 
 
+def test_a_lora_adapters_prompts_hash_apart_from_the_models():
+    prompt = list(range(100, 119))
+    base, adapter = prefix_hashes(prompt, BLOCK, 64), prefix_hashes(prompt, BLOCK, 64, adapter="sql")
+    assert len(adapter) == len(base) and not set(adapter) & set(base)
+    assert adapter == prefix_hashes(prompt, BLOCK, 64, adapter="sql")
+    assert not set(adapter) & set(prefix_hashes(prompt, BLOCK, 64, adapter="poet"))
+
+
 def test_the_last_token_is_never_in_a_hashed_block():
     assert prefix_hashes(list(range(8)), BLOCK, 64) == prefix_hashes(list(range(7)), BLOCK, 64)[:1]
 

@@ -21,7 +21,7 @@ import pytest
 from gptserve.config import EngineConfig, ServerConfig
 from gptserve.engine.async_engine import AsyncEngine
 from gptserve.server.app import build_app
-from gptserve.server.models import ModelCatalog
+from gptserve.server.models import ModelCatalog, ModelRegistry
 from gptserve.server.serve import DrainingServer, make_server
 from gptserve.server.serving import ServingContext
 
@@ -41,8 +41,13 @@ class RunningServer:
 
     @property
     def serving(self) -> ServingContext:
-        """The app's shared state (engine, limits, queue), for tests that must reach inside."""
+        """The served model's context (engine, limits, queue), for tests that must reach inside."""
         return self.server.config.app.state.serving
+
+    @property
+    def models(self) -> ModelRegistry:
+        """The app's model registry, for tests that must reach inside."""
+        return self.server.config.app.state.models
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **kwargs)

@@ -277,6 +277,6 @@ def test_engine_failure_is_500_carrying_the_request_id(http: httpx.Client, faili
 
 
 def test_server_that_is_not_ready_is_503(http: httpx.Client, server, monkeypatch):
-    monkeypatch.setattr(server.serving, "draining", True)
+    monkeypatch.setattr(server.serving.shared, "draining", True)
     assert_error(http.get("/health"), 503)
     assert_error(http.post("/v1/chat/completions", json=chat_body()), 503)

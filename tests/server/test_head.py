@@ -21,7 +21,7 @@ def test_head_answers_as_get_does_without_the_body(http: httpx.Client, path: str
 
 def test_head_gets_the_status_get_would_get(http: httpx.Client, server, monkeypatch):
     assert http.head("/v1/models/no-such-model").status_code == 404
-    monkeypatch.setattr(server.serving, "draining", True)
+    monkeypatch.setattr(server.serving.shared, "draining", True)
     assert http.head("/health").status_code == 503
 
 

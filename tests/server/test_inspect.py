@@ -129,10 +129,10 @@ def test_inspect_takes_a_queue_slot_and_gives_it_back(single_slot_server):
     with single_slot_server.http() as http:
         assert http.post("/v1/inspect", json={"prompt": "Hi"}).status_code == 200
         assert serving.num_in_flight == 0
-        serving.num_in_flight += 1  # the only slot, taken as a generation would
+        serving.shared.num_in_flight += 1  # the only slot, taken as a generation would
         try:
             response = http.post("/v1/inspect", json={"prompt": "Hi"})
         finally:
-            serving.num_in_flight -= 1
+            serving.shared.num_in_flight -= 1
     assert response.status_code == 429
     assert response.json()["error"]["type"] == "rate_limit_error"

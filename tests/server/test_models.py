@@ -161,8 +161,7 @@ async def test_under_a_small_budget_requests_for_every_model_all_succeed(checkpo
         asks = [ask(name, 0.05 * i) for i, name in enumerate(list(checkpoints) * 4)]
         for name, text in await asyncio.gather(*asks):
             assert text == expected[name]
-        registry = running.server.config.app.state.models
-        assert sum(m.loads for m in registry.models.values()) > len(checkpoints)  # they took turns
+        assert sum(m.loads for m in running.models.models.values()) > len(checkpoints)  # they took turns
     finally:
         running.stop()
 

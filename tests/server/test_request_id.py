@@ -63,7 +63,7 @@ def test_the_500_of_an_unexpected_exception_carries_the_request_id(http: httpx.C
     def broken(model: str | None) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server.serving, "check_model", broken)
+    monkeypatch.setattr(server.models, "resolve", broken)
     response = http.get("/v1/models/tiny-gpt2", headers={"x-request-id": "bug-1"})
     assert response.status_code == 500
     assert response.headers["x-request-id"] == "bug-1"

@@ -167,7 +167,7 @@ def test_a_store_that_fails_at_the_end_is_an_error_event_in_sequence(server, mon
     async def put(response: dict, input_items: list) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(server.server.config.app.state.responses.store, "put", put)
+    monkeypatch.setattr(server.server.config.app.state.store, "put", put)
     events = stream_data(server, {"input": "hi", "max_output_tokens": 3})
     assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))

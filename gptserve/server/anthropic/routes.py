@@ -32,7 +32,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
         return await ServingMessages(ctx).create(body, request)
 
 
-@router.post("/v1/messages/count_tokens", responses=error_responses(401, 404, model=AnthropicErrorResponse))
+@router.post("/v1/messages/count_tokens", responses=error_responses(401, 404, 503, model=AnthropicErrorResponse))
 async def count_message_tokens(body: CountTokensRequest, request: Request) -> CountTokensResponse:
     async with model_for(request, body.model) as ctx:
         return await ServingMessages(ctx).count_tokens(body)
