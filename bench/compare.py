@@ -323,6 +323,12 @@ def notes(servers: dict) -> str:
     return "Notes:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 
+def shown_command(cmd: list[str]) -> str:
+    """A command as the results show it: paths relative to the repository, python as `python`."""
+    parts = ["python" if part == sys.executable else part.replace(f"{ROOT}/", "") for part in cmd]
+    return " ".join(parts)
+
+
 def commands(servers: dict) -> str:
     """Each server's exact command, per level where it was started per level."""
     lines = ["Commands:", ""]

@@ -33,7 +33,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from compare import Peer, Server, cpu_name, free_port, make_checkpoint, vector_flags  # noqa: E402
+from compare import Peer, Server, cpu_name, free_port, make_checkpoint, shown_command, vector_flags  # noqa: E402
 import serve as serve_bench  # noqa: E402
 
 NUM_ADAPTERS = 16
@@ -88,7 +88,7 @@ def throughput_rounds(checkpoint: Path, adapters: list[Path], args: argparse.Nam
         for r in range(args.rounds):
             order = list(workloads) if r % 2 == 0 else list(reversed(workloads))
             rounds.append({name: run_load(peer.port, workloads[name], args, f"round {r} {name}") for name in order})
-    return rounds, " ".join(peer.command[1:])
+    return rounds, shown_command(peer.command)
 
 
 def load_times(checkpoint: Path, adapters: list[Path], args: argparse.Namespace, log_dir: Path) -> dict:
@@ -110,7 +110,8 @@ def load_times(checkpoint: Path, adapters: list[Path], args: argparse.Namespace,
                     http.post("/v1/completions", json={"model": f"x{i}", "prompt": "Hello", "max_tokens": 1}
                               ).raise_for_status()
                     times.append(time.perf_counter() - start)
-    return {"load_s": loads, "first_request_s": first, "second_request_s": second, "command": " ".join(peer.command[1:])}
+    return {"load_s": loads, "first_request_s": first, "second_request_s": second,
+            "command": shown_command(peer.command)}
 
 
 def report(rounds: list[dict], loads: dict, args: argparse.Namespace, command: str) -> str:

@@ -25,7 +25,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from compare import Peer, Server, cpu_name, free_port, make_checkpoint, vector_flags  # noqa: E402
+from compare import Peer, Server, cpu_name, free_port, make_checkpoint, shown_command, vector_flags  # noqa: E402
 
 
 def timed(http: httpx.Client, model: str) -> float:
@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> None:
             f"(random), --models-memory holding one: a one-token request to the unloaded one (reload, then the "
             f"token) took median {statistics.median(reloads):.2f} s (min {min(reloads):.2f}, max {max(reloads):.2f}, "
             f"{len(reloads)} reloads); the same request once loaded {statistics.median(warm) * 1000:.0f} ms. "
-            f"States at the end: {states}.\n\nServer: `{' '.join(cmd[1:])}`\n")
+            f"States at the end: {states}.\n\nServer: `{shown_command(cmd)}`\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "models.json").write_text(json.dumps({"reload_s": reloads, "warm_s": warm, "states": states,
-                                                      "command": " ".join(cmd[1:])}, indent=1))
+                                                      "command": shown_command(cmd)}, indent=1))
     (args.out / "models.md").write_text(text)
 
 
