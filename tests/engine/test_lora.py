@@ -212,6 +212,12 @@ def test_an_adapter_of_another_shape_is_refused(engine, make_checkpoint, make_ad
         engine.load_lora("other-shape", str(other))
 
 
+def test_an_adapter_of_layers_other_than_the_linear_ones_is_refused(engine, tiny_checkpoint, make_adapter):
+    embedding = make_adapter(tiny_checkpoint, seed=1, target_modules=["wte"])
+    with pytest.raises(AdapterError, match="only LoRA A/B weights of the layers"):
+        engine.load_lora("embedding", str(embedding))
+
+
 def test_an_adapter_over_the_rank_limit_is_refused(tiny_checkpoint, make_adapter):
     engine = engine_for(tiny_checkpoint, {}, enable_lora=True, max_lora_rank=4)
     with pytest.raises(AdapterError, match="rank 8; this server takes ranks up to 4"):
