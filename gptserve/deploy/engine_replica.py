@@ -25,7 +25,7 @@ from ray import serve
 from gptserve.config import EngineConfig, ModelConfig
 from gptserve.deploy.remote_errors import CARRIED, ReplicaError
 from gptserve.engine.limits import EngineLimits
-from gptserve.engine.outputs import Inspection, RequestOutput
+from gptserve.engine.outputs import Explanation, Inspection, RequestOutput
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.model.tokenizer import Tokenizer
 
@@ -81,6 +81,12 @@ class EngineReplica:
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         try:
             return await self.engine.inspect(prompt_token_ids, top_k, decimals)
+        except ENGINE_ERRORS as e:
+            raise ReplicaError.of(e) from None
+
+    async def explain(self, prompt_token_ids: list[int], position: int, top_k: int, decimals: int) -> Explanation:
+        try:
+            return await self.engine.explain(prompt_token_ids, position, top_k, decimals)
         except ENGINE_ERRORS as e:
             raise ReplicaError.of(e) from None
 

@@ -25,7 +25,7 @@ from gptserve.deploy import fleet
 from gptserve.deploy.engine_replica import EngineDescription
 from gptserve.deploy.remote_errors import ReplicaError
 from gptserve.deploy.replica_header import record_replica
-from gptserve.engine.outputs import (AdapterError, ChoiceDelta, EngineDeadError, EngineStats, FinishReason, Inspection,
+from gptserve.engine.outputs import (AdapterError, ChoiceDelta, Explanation, EngineDeadError, EngineStats, FinishReason, Inspection,
                                      RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
 
@@ -135,6 +135,10 @@ class RemoteEngine:
 
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         return await _retried(lambda: self.handle.inspect.remote(prompt_token_ids, top_k, decimals),
+                              self.max_attempts)
+
+    async def explain(self, prompt_token_ids: list[int], position: int, top_k: int, decimals: int) -> Explanation:
+        return await _retried(lambda: self.handle.explain.remote(prompt_token_ids, position, top_k, decimals),
                               self.max_attempts)
 
     async def load_lora(self, name: str, path: str) -> None:

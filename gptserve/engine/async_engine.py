@@ -26,7 +26,7 @@ from typing import AsyncIterator, Callable, TypeVar
 
 from gptserve.config import EngineConfig
 from gptserve.engine.llm_engine import LLMEngine
-from gptserve.engine.outputs import (EngineDeadError, EngineStats, GrammarError, Inspection,
+from gptserve.engine.outputs import (EngineDeadError, EngineStats, Explanation, GrammarError, Inspection,
                                      RequestFailedError, RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
 
@@ -125,6 +125,9 @@ class AsyncEngine:
 
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         return await self._call(lambda engine: engine.embed(prompts))
+
+    async def explain(self, prompt_token_ids: list[int], position: int, top_k: int, decimals: int) -> Explanation:
+        return await self._call(lambda engine: engine.explain(prompt_token_ids, position, top_k, decimals))
 
     async def load_lora(self, name: str, path: str) -> None:
         await self._call(lambda engine: engine.load_lora(name, path))

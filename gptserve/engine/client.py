@@ -11,7 +11,7 @@ from typing import AsyncIterator, Protocol
 
 from gptserve.config import ModelConfig
 from gptserve.engine.limits import EngineLimits
-from gptserve.engine.outputs import EngineStats, Inspection, RequestOutput
+from gptserve.engine.outputs import EngineStats, Explanation, Inspection, RequestOutput
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.model.tokenizer import Tokenizer
 
@@ -50,6 +50,9 @@ class EngineClient(Protocol):
 
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         """How the serving model reads one prompt: attention weights and top next tokens."""
+
+    async def explain(self, prompt_token_ids: list[int], position: int, top_k: int, decimals: int) -> Explanation:
+        """One prompt through the serving model step by step, read at token `position`."""
 
     async def load_lora(self, name: str, path: str) -> None:
         """Serve the PEFT adapter at `path` as `name` (engine/lora.py). Raises AdapterError:

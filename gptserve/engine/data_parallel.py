@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from gptserve.config import EngineConfig, ModelSpec
 from gptserve.engine.async_engine import AsyncEngine
 from gptserve.engine.engine_process import EngineProcess
-from gptserve.engine.outputs import EngineStats, Inspection, RequestOutput
+from gptserve.engine.outputs import EngineStats, Explanation, Inspection, RequestOutput
 from gptserve.engine.placement import PlacementError, estimated_memory
 from gptserve.engine.sampling_params import SamplingParams
 
@@ -123,6 +123,9 @@ class DataParallelEngine:
 
     async def inspect(self, prompt_token_ids: list[int], top_k: int, decimals: int) -> Inspection:
         return await self.replicas[self.pick()].inspect(prompt_token_ids, top_k, decimals)
+
+    async def explain(self, prompt_token_ids: list[int], position: int, top_k: int, decimals: int) -> Explanation:
+        return await self.replicas[self.pick()].explain(prompt_token_ids, position, top_k, decimals)
 
     async def load_lora(self, name: str, path: str) -> None:
         """On every replica; where one refuses, those that had loaded it unload it again."""

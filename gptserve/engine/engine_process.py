@@ -23,7 +23,7 @@ from gptserve.engine.grammar import GrammarCompiler
 from gptserve.engine.outputs import EngineDeadError
 
 log = logging.getLogger(__name__)
-CALLS = ("add_request", "abort", "step", "embed", "inspect", "load_lora", "unload_lora")  # what the parent may ask of the child's engine
+CALLS = ("add_request", "abort", "step", "embed", "inspect", "explain", "load_lora", "unload_lora")  # what the parent may ask of the child's engine
 
 
 class EngineProcess:
@@ -75,6 +75,9 @@ class EngineProcess:
 
     def inspect(self, prompt_token_ids, top_k, decimals):
         return self._call("inspect", prompt_token_ids, top_k, decimals)
+
+    def explain(self, prompt_token_ids, position, top_k, decimals):
+        return self._call("explain", prompt_token_ids, position, top_k, decimals)
 
     def load_lora(self, name: str, path: str) -> None:
         self._call("load_lora", name, path)

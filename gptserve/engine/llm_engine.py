@@ -15,8 +15,9 @@ from gptserve.config import EngineConfig, ModelConfig
 from gptserve.engine.build import build_parts
 from gptserve.engine.decoding import Decoding
 from gptserve.engine.detokenizer import StreamDetokenizer
-from gptserve.engine.outputs import (AdapterError, AdapterNotFoundError, ChoiceDelta, EngineStats, FinishReason,
-                                     GrammarError, Inspection, RequestOutput)
+from gptserve.engine.outputs import (AdapterError, AdapterNotFoundError, ChoiceDelta, EngineStats, Explanation,
+                                     FinishReason, GrammarError, Inspection, InvalidPromptError,
+                                     RequestOutput)
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.engine.speculative import SpeculationStats
 from gptserve.engine.sequence import Request, Sequence, rows_by_sequence
@@ -202,6 +203,13 @@ class LLMEngine:
         """Attention of every layer and head over one prompt, and its top next tokens."""
         self.limits.check_request(prompt_token_ids, SamplingParams(max_tokens=1))
         return self.runner.inspect(prompt_token_ids, top_k, decimals)
+
+    def explain(self, prompt_token_ids: list[int], position: int, top_k: int, decimals: int) -> Explanation:
+        """One prompt through the model step by step, read at token `position` (ModelRunner.explain)."""
+        self.limits.check_request(prompt_token_ids, SamplingParams(max_tokens=1))
+        if not 0 <= position < len(prompt_token_ids):
+            raise InvalidPromptError(f"position {position} is outside the prompt's {len(prompt_token_ids)} tokens")
+        return self.runner.explain(prompt_token_ids, position, top_k, decimals)
 
     def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         """Each prompt's embedding (ModelRunner.embed); raises for a prompt the model can't read."""

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 import torch
 
 from gptserve.engine.cuda_graphs import DecodeGraphs
-from gptserve.engine.outputs import Inspection, Logprob
+from gptserve.engine.outputs import Explanation, Inspection, Logprob
 from gptserve.engine.sampler import Sampler, SamplerOutput, floored
 from gptserve.engine.scheduler import ScheduledBatch
 from gptserve.engine.sequence import Sequence
@@ -200,3 +200,84 @@ class ModelRunner:
         attention = [attn.weights[layer][0].double().round(decimals=decimals).tolist()
                      for layer in sorted(attn.weights)]
         return Inspection(attention, list(zip(top.tolist(), probs.tolist())))
+
+    @torch.inference_mode()
+    def explain(self, prompt_token_ids: list[int], position: int, top_k: int, decimals: int,
+                strip_cells: int = 128, top_neurons: int = 12) -> Explanation:
+        """One prompt through the model with a recording attention backend and hooks on each
+        block, read at the token `position`: embeddings, attention scores and weights, the
+        most active MLP neurons, the residual stream's norm, the next-token logits."""
+        model = self.model
+        ids = torch.tensor(prompt_token_ids, device=self.device)
+        positions = torch.arange(len(ids), device=self.device)
+        tok, pos = model.wte(ids).float(), model.wpe(positions).float()  # (T, C) each
+        seen: dict[tuple[str, int], torch.Tensor] = {}
+
+        def keep(kind: str, layer: int, pre: bool = False):
+            if pre:
+                return lambda module, args: seen.__setitem__((kind, layer), args[0])
+            return lambda module, args, out: seen.__setitem__((kind, layer), out)
+
+        hooks = []
+        for i, block in enumerate(model.h):
+            hooks += [block.register_forward_pre_hook(keep("in", i, pre=True)),
+                      block.attn.register_forward_hook(keep("attn", i)), block.register_forward_hook(keep("out", i)),
+                      block.mlp.c_fc.register_forward_hook(keep("fc", i))]
+        attn = DenseAttention(batch_size=1, record=True)
+        try:
+            hidden = model(ids, positions, attn)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+        def rounded(t: torch.Tensor) -> list:
+            return t.double().round(decimals=decimals).tolist()
+
+        keys = slice(0, position + 1)
+        layers = range(len(model.h))
+        neurons = []
+        for i in layers:
+            act = torch.nn.functional.gelu(seen[("fc", i)][position].float(), approximate="tanh")
+            values, index = act.topk(min(top_neurons, act.numel()))
+            neurons.append(list(zip(index.tolist(), rounded(values))))
+        residual = []
+        for i in layers:
+            before = seen[("in", i)][position].float()
+            after_attention = before + seen[("attn", i)][position].float()
+            residual.append(tuple(rounded(torch.stack([before.norm(), after_attention.norm(),
+                                                       seen[("out", i)][position].float().norm()]))))
+        logits, top = self._vocab_logits(hidden[position:position + 1])[0].topk(top_k)
+        x = tok + pos
+        return Explanation(
+            position=position, token_vectors=rounded(_strip(tok, strip_cells)),
+            position_vectors=rounded(_strip(pos, strip_cells)),
+            norms=[tuple(r) for r in rounded(torch.stack([tok.norm(dim=1), pos.norm(dim=1), x.norm(dim=1)], dim=1))],
+            projection=[tuple(p) for p in rounded(principal_plane(x))],
+            scores=[rounded(attn.scores[i][0, :, position, keys]) for i in layers],
+            weights=[rounded(attn.weights[i][0, :, position, keys]) for i in layers],
+            neurons=neurons, residual=residual, logits=list(zip(top.tolist(), rounded(logits))))
+
+
+def _strip(vectors: torch.Tensor, cells: int) -> torch.Tensor:
+    """(T, C) -> (T, min(C, cells)): each row averaged over runs of ceil(C / cells) values."""
+    t, c = vectors.shape
+    if c <= cells:
+        return vectors
+    group = -(-c // cells)
+    padded = torch.full((t, group * -(-c // group)), float("nan"), device=vectors.device)
+    padded[:, :c] = vectors
+    return padded.view(t, -1, group).nanmean(dim=2)
+
+
+def principal_plane(x: torch.Tensor) -> torch.Tensor:
+    """(T, C) -> (T, 2): the rows on their first two principal axes (centred, by SVD), each
+    axis signed so that its largest coordinate is positive; zeros where there is no spread."""
+    centred = (x - x.mean(dim=0)).double()
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    coords = torch.zeros(x.shape[0], 2, dtype=torch.float64, device=x.device)
+    k = min(2, s.numel())
+    coords[:, :k] = u[:, :k] * s[:k]
+    for axis in range(2):
+        if coords[:, axis].abs().max() > 0 and coords[coords[:, axis].abs().argmax(), axis] < 0:
+            coords[:, axis] = -coords[:, axis]
+    return coords

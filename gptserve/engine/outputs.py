@@ -54,6 +54,24 @@ class Inspection:
 
 
 @dataclass
+class Explanation:
+    """One prompt through the model step by step, at one chosen token (`position`): the
+    playground's Explain view. Vectors are the model's own, rounded; strips are a vector
+    averaged into at most a fixed number of cells."""
+
+    position: int
+    token_vectors: list[list[float]]  # per token: its token embedding (wte row), as a strip
+    position_vectors: list[list[float]]  # per token: its position embedding (wpe row), as a strip
+    norms: list[tuple[float, float, float]]  # per token: |token|, |position|, |their sum|
+    projection: list[tuple[float, float]]  # per token: the sum vector on the prompt's first two principal axes
+    scores: list[list[list[float | None]]]  # [layer][head][key]: the position's Q.K/sqrt(d), before softmax
+    weights: list[list[list[float]]]  # [layer][head][key]: the same after softmax (keys after it: none)
+    neurons: list[list[tuple[int, float]]]  # [layer]: the most active MLP neurons at the position (after GELU)
+    residual: list[tuple[float, float, float]]  # [layer]: |x| at the position before the block, after attention, after the MLP
+    logits: list[tuple[int, float]]  # the position's next-token logits, highest first
+
+
+@dataclass
 class EngineStats:
     num_requests_running: int  # requests with a sequence in the running batch
     num_requests_waiting: int  # the other unfinished requests

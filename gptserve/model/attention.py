@@ -44,7 +44,8 @@ class DenseAttention:
     """Contiguous per-layer K/V for a (B, T) batch; call repeatedly to decode incrementally.
 
     Tokens arrive flat, (B*t, H, D), ordered batch-major. With `record=True` it keeps each
-    layer's attention weights of the last call, (B, H, t, T_total).
+    layer's attention weights of the last call, (B, H, t, T_total), and the scaled scores
+    before the softmax (`scores`, the same shape; a key after its query is -inf).
     """
 
     def __init__(self, batch_size: int, record: bool = False):
@@ -53,6 +54,7 @@ class DenseAttention:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.weights: dict[int, torch.Tensor] = {}
+        self.scores: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         b = self.batch_size
@@ -68,9 +70,9 @@ class DenseAttention:
         # query i (absolute position past+i) may see keys 0..past+i
         mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
         if self.record:
-            scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            self.weights[layer] = probs
+            scores = ((q.float() @ k.float().transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(-1)
+            self.weights[layer], self.scores[layer] = probs, scores
             y = (probs.to(v.dtype) @ v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -32,6 +32,7 @@ from gptserve.server.anthropic import routes as anthropic_routes
 from gptserve.server.errors import (AuthenticationError, RequestTooLargeError, error_response, error_responses,
                                     install_error_handlers)
 from gptserve.server.head import HeadAsGet
+from gptserve.server.explain import router as explain_router
 from gptserve.server.inspect import router as inspect_router
 from gptserve.server.metrics import ServerMetrics
 from gptserve.server.openai import routes as openai_routes
@@ -143,7 +144,8 @@ def build_app(served: "EngineClient | ModelCatalog", server_config: ServerConfig
     keyed = [Depends(require_api_key)]
     for router in (openai_routes.router, responses_routes.router, anthropic_routes.router, routes.api_router):
         app.include_router(router, dependencies=keyed, responses=error_responses(401))
-    app.include_router(inspect_router, dependencies=keyed, responses=error_responses(401, 404, 429, 503))
+    for router in (inspect_router, explain_router):
+        app.include_router(router, dependencies=keyed, responses=error_responses(401, 404, 429, 503))
     if config.enable_lora_runtime_updates:
         app.include_router(routes.lora_router, dependencies=keyed, responses=error_responses(401))
     app.add_api_route("/", playground, include_in_schema=False)
