@@ -155,3 +155,43 @@ def test_the_page_asks_for_the_api_key_and_sends_it_as_bearer(browser_driver, ke
     assert result["noticeHiddenWithKey"]
     assert result["first"]["finish"] == "length" and result["first"]["text"]
     assert [r["authorization"] for r in result["chatRequests"]] == [f"Bearer {API_KEY}"]
+
+
+@pytest.fixture(scope="module")
+def explained(browser_driver, long_context_server) -> dict:
+    """The Explain view on an English prompt, its sliders, a token clicked, then a Chinese prompt."""
+    return drive(browser_driver, long_context_server, "explain")
+
+
+def test_the_explain_view_renders_each_step(explained, long_context_server):
+    english, n_layer = explained["english"], 2
+    with long_context_server.http() as http:
+        tokens = http.post("/tokenize", json={"prompt": "The quick brown fox jumps over the lazy"}).json()["count"]
+    assert english["tokens"] == english["embeddingRows"] == english["points"] == tokens
+    assert english["strips"] == 2 * tokens  # a token and a position vector per token
+    assert english["attentionRows"] == tokens  # the last token sees them all
+    assert english["layers"] == n_layer and english["heads"] == 4
+    assert english["residualRows"] == 3 and english["neurons"] > 0
+    shown = english["next"]  # the 20 most likely of the 50 logits' softmax
+    assert len(shown) == 20 and shown == sorted(shown, reverse=True) and 0 < sum(shown) <= 1 + 1e-9
+    assert not explained["consoleErrors"]
+
+
+def test_the_sliders_reshape_the_next_token_distribution_in_the_page(explained):
+    at_one, sharper, greedy, top_p = (explained[k] if k != "english" else explained[k]["next"]
+                                      for k in ("english", "sharper", "greedy", "topP"))
+    assert sharper[0] > at_one[0]  # a lower temperature sharpens
+    assert greedy[0] == 1 and not any(greedy[1:])  # temperature 0: the argmax alone
+    assert 0 < sum(p > 0 for p in top_p) < sum(p > 0 for p in at_one)  # top-p keeps fewer tokens
+    assert explained["chosen"] == 1  # a drawn token is marked
+
+
+def test_clicking_a_token_reads_every_step_at_it(explained):
+    assert explained["third"]["attentionRows"] == 3 and "token 2" in explained["third"]["position"]
+
+
+def test_a_chinese_prompt_shows_its_characters_across_tokens(explained):
+    chinese = explained["chinese"]
+    assert "".join(chinese["chars"]) == "你好，世界！🙂"
+    assert chinese["splitChars"] > 0  # a character whose bytes lie in two tokens
+    assert chinese["tokens"] == chinese["embeddingRows"] > len(chinese["chars"]) - chinese["splitChars"]

@@ -1,7 +1,10 @@
 // The gptserve playground: a chat that streams from /v1/chat/completions with each
-// token's probability and alternatives, the prompt's tokens from /tokenize, and an
-// inspect view of attention weights and next-token probabilities from /v1/inspect.
+// token's probability and alternatives, the prompt's tokens from /tokenize, an inspect
+// view of attention weights and next-token probabilities from /v1/inspect, and the Explain
+// view (explain.js) of one prompt through the model, step by step, from /v1/explain.
 // Plain JS, no build step. Model text is only ever set as textContent, never as HTML.
+
+import { initExplain } from "/static/explain.js";
 
 const $ = (id) => document.getElementById(id);
 const TOP_LOGPROBS = 5;
@@ -437,7 +440,7 @@ async function runInspect() {
 // ---- wiring --------------------------------------------------------------------------
 
 function showTab(name) {
-  for (const tab of ["chat", "inspect"]) {
+  for (const tab of ["chat", "inspect", "explain"]) {
     $(`tab-${tab}`).classList.toggle("active", tab === name);
     $(`${tab}-view`).hidden = tab !== name;
   }
@@ -461,6 +464,8 @@ function init() {
   bindRange("top-p");
   $("tab-chat").addEventListener("click", () => showTab("chat"));
   $("tab-inspect").addEventListener("click", () => showTab("inspect"));
+  $("tab-explain").addEventListener("click", () => showTab("explain"));
+  initExplain({ $, el, api, visible, percent, probColour, notice, model: () => state.model });
 
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();

@@ -6,6 +6,8 @@
 //                       view with a token's alternatives, the inspect heatmap
 //   SCENARIO "api-key": the page asks for the key, and works once it is pasted
 //   SCENARIO "readme":  a conversation with the probability view on, for docs/playground.png
+//   SCENARIO "explain": the Explain view on an English and a Chinese prompt: every step, a
+//                       token clicked, the sliders; each step's screenshot (docs/explain-*.png)
 // Driven by tests/server/test_playground.py; set-up: npm ci --prefix tests/server/browser.
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -187,10 +189,71 @@ async function readme() {
   await page.screenshot({ path: join(artifacts, "playground.png") });
 }
 
+// Runs the Explain view (`click`: the button, or a token) and waits until the page shows
+// the new answer, read at another token than before.
+async function explainRun(click) {
+  const before = await page.textContent("#explain-position");
+  await click();
+  await page.waitForFunction((text) => document.getElementById("explain-position").textContent !== text, before);
+  await page.locator("#explain-next li").first().waitFor();
+}
+
+const slide = (id, value) => page.$eval(`#${id}`, (el, v) => { el.value = v; el.dispatchEvent(new Event("input")); },
+  String(value));
+const probs = () => page.$$eval("#explain-next li", (items) => items.map((li) => Number(li.dataset.prob)));
+
+async function explainSteps() {
+  return {
+    tokens: await page.locator("#explain-tokens .chip").count(),
+    chars: await page.$$eval("#explain-chars .char-text", (n) => n.map((x) => x.textContent)),
+    splitChars: await page.locator("#explain-chars .char.split").count(),
+    embeddingRows: await page.locator("#explain-embeddings .embedding-row:not(.heading)").count(),
+    strips: await page.locator("#explain-embeddings canvas.strip").count(),
+    points: await page.locator("#explain-projection circle").count(),
+    attentionRows: await page.locator("#explain-attention .attention-row").count(),
+    layers: await page.locator("#explain-layer option").count(),
+    heads: await page.locator("#explain-head option").count(),
+    residualRows: await page.locator("#explain-residual .attention-row").count(),
+    neurons: await page.locator("#explain-neurons li").count(),
+    next: await probs(),
+    position: await page.textContent("#explain-position"),
+  };
+}
+
+async function explain() {
+  await page.setViewportSize({ width: 1200, height: 900 });
+  await page.goto(baseURL);
+  await loaded();
+  await page.click("#tab-explain");
+  await page.fill("#explain-prompt", "The quick brown fox jumps over the lazy");
+  await explainRun(() => page.click("#explain-run"));
+  result.english = await explainSteps();
+  for (const step of ["tokens", "embeddings", "attention", "mlp", "next"]) {
+    await page.locator(`#step-${step}`).screenshot({ path: join(artifacts, `explain-${step}.png`) });
+  }
+  await slide("explain-temperature", 0.3);
+  result.sharper = await probs();
+  await slide("explain-temperature", 0);
+  result.greedy = await probs();
+  await slide("explain-temperature", 1);
+  await slide("explain-top-p", 0.1);
+  result.topP = await probs();
+  await page.click("#explain-sample");
+  result.chosen = await page.locator("#explain-next li.chosen").count();
+  await slide("explain-top-p", 1);
+  await explainRun(() => page.locator("#explain-tokens .chip").nth(2).click());
+  result.third = await explainSteps();
+  await page.fill("#explain-prompt", "你好，世界！🙂");
+  await explainRun(() => page.click("#explain-run"));
+  result.chinese = await explainSteps();
+  await shot("6-explain-chinese");
+}
+
 try {
   if (scenario === "session") await session();
   else if (scenario === "api-key") await keyed();
   else if (scenario === "readme") await readme();
+  else if (scenario === "explain") await explain();
   else throw new Error(`unknown scenario ${scenario}`);
   result.ok = true;
 } catch (e) {
