@@ -133,15 +133,15 @@ class LLMEngine:
             self.block_manager.commit_computed(seq)  # blocks that became full join the prefix cache
         touched: dict[str, Request] = {}
         failed: list[RequestOutput] = []
-        for seq, tokens, logprobs in rows_by_sequence(sampled, out.token_ids, out.logprobs):
+        for seq, tokens, logprobs, details in rows_by_sequence(sampled, out.token_ids, out.logprobs, out.details):
             req = self.requests.get(seq.request_id)
             if req is None or seq.is_finished:
                 continue
             try:
                 if seq.guesses:
-                    self.speculator.accept(seq, tokens, logprobs, self._append_token)
+                    self.speculator.accept(seq, tokens, logprobs, details, self._append_token)
                 else:
-                    self._append_token(seq, tokens[0], logprobs[0])
+                    self._append_token(seq, tokens[0], logprobs[0], details[0])
             except Exception as e:  # noqa: BLE001 - one request's failure stays its own
                 grammar = isinstance(e, GrammarError)  # its grammar broke a limit the admission probe did not reach
                 log.log(logging.WARNING if grammar else logging.ERROR, "request %s failed: %s", seq.request_id, e,
@@ -164,8 +164,8 @@ class LLMEngine:
             self.speculator.log_progress()
         return failed + [self._output(req) for req in touched.values()]
 
-    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
-        seq.append_output(token, logprob)
+    def _append_token(self, seq: Sequence, token: int, logprob, detail=None) -> None:
+        seq.append_output(token, logprob, detail)
         self.generation_tokens += 1
         text, finish = seq.decoding.next_token(token, seq.num_output_tokens)
         seq.new_text += text

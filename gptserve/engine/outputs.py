@@ -21,6 +21,18 @@ class Logprob:
 
 
 @dataclass
+class TokenDetail:
+    """What the server did to one generated token, for requests that ask (token_details):
+    how many tokens the grammar allowed at that step (None: no grammar), the model's most
+    likely tokens it forbade, with their logprobs before the mask, and whether the token was
+    a speculative guess that the model confirmed."""
+
+    allowed: int | None = None
+    forbidden: list[tuple[int, float]] = field(default_factory=list)
+    guessed: bool = False
+
+
+@dataclass
 class ChoiceDelta:
     """New output of one choice (of n) since the last RequestOutput."""
 
@@ -30,6 +42,7 @@ class ChoiceDelta:
     logprobs: list[Logprob] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    details: list[TokenDetail] | None = None  # one per token, when the request asks (token_details)
 
 
 @dataclass

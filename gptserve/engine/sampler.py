@@ -24,19 +24,21 @@ the grammar allows:
   model's own logits rank first;
 - temperatures under GREEDY_BELOW are greedy (sampling_params.py).
 Logprobs are the model's own (before masks and settings), floored at LOGPROB_FLOOR, so
-every one is a finite number.
+every one is a finite number. A row that asks for token details (SamplingParams.token_details)
+also gets how many tokens its grammar allowed and the model's likeliest tokens it banned;
+none of that is computed unless a row asks.
 
 A row is a Sequence or a speculative VerifyRow: anything with params, index, token_ids
 and output_token_ids.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from gptserve.engine.grammar import apply_grammar_mask
-from gptserve.engine.outputs import Logprob
+from gptserve.engine.outputs import Logprob, TokenDetail
 from gptserve.engine.sequence import Sequence, VerifyRow
 from gptserve.model.cpu_kernels import row_argmax
 
@@ -46,10 +48,14 @@ FLOAT32 = torch.finfo(torch.float32)
 NEG_INF = float("-inf")
 
 
+FORBIDDEN_SHOWN = 5  # the banned tokens a token's detail names
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[Logprob | None]
+    details: list[TokenDetail | None] = field(default_factory=list)
 
 
 class Sampler:
@@ -65,7 +71,8 @@ class Sampler:
         logits = logits[:, :self.vocab_size].float()  # (B, V): padding columns are never candidates
         params = [s.params for s in seqs]
         raw_logprobs = None
-        if any(p.logprobs is not None for p in params):
+        details = any(p.token_details for p in params)
+        if details or any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # the model's own, before any mask
         if grammar_mask is not None:
             apply_grammar_mask(logits, grammar_mask)  # first, so penalties and filters see the grammar's tokens
@@ -83,7 +90,8 @@ class Sampler:
         if token_list and not 0 <= min(token_list) <= max(token_list) < self.vocab_size:
             raise RuntimeError(f"the sampler chose a token outside the vocabulary [0, {self.vocab_size}): "
                                f"{token_list}")
-        return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, params))
+        return SamplerOutput(token_list, self._logprobs(raw_logprobs, token_list, params),
+                             self._details(raw_logprobs, grammar_mask, params) if details else [None] * len(token_list))
 
     @staticmethod
     def _fall_back(logits: torch.Tensor, grammar_mask: tuple[list[int], torch.Tensor] | None,
@@ -172,6 +180,26 @@ class Sampler:
         # 1 - u is in (0, 1]: the first token whose cumulative mass reaches it has mass of its own
         tokens = torch.searchsorted(cdf, (1.0 - u) * total).squeeze(1)
         return tokens.masked_fill_(~(total.squeeze(1) > 0), -1)  # no mass, or NaN
+
+    @staticmethod
+    def _details(raw: torch.Tensor, grammar_mask: tuple[list[int], torch.Tensor] | None,
+                 params) -> list[TokenDetail | None]:
+        """For the rows that ask: how many tokens their grammar allowed, and the model's
+        likeliest tokens it banned with their logprobs before the mask."""
+        out: list[TokenDetail | None] = [TokenDetail() if p.token_details else None for p in params]
+        if grammar_mask is None:
+            return out
+        banned = torch.zeros_like(raw)
+        apply_grammar_mask(banned, grammar_mask)
+        banned = banned == NEG_INF
+        for row in grammar_mask[0]:
+            if out[row] is None:
+                continue
+            out[row].allowed = int((~banned[row]).sum())
+            values, ids = raw[row].masked_fill(~banned[row], NEG_INF).topk(FORBIDDEN_SHOWN)
+            keep = values > NEG_INF  # fewer banned tokens than that: the rest are allowed ones
+            out[row].forbidden = list(zip(ids[keep].tolist(), floored(values[keep]).tolist()))
+        return out
 
     @staticmethod
     def _logprobs(raw: torch.Tensor | None, tokens: list[int], params) -> list[Logprob | None]:

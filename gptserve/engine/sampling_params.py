@@ -35,6 +35,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     grammar: str | None = None  # llguidance's grammar format (engine/grammar.py): output must match it
     adapter: str | None = None  # the LoRA adapter that generates (engine/lora.py); None: the base model
+    token_details: bool = False  # each token's TokenDetail (the grammar's mask, speculative guesses)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

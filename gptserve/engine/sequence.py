@@ -9,7 +9,7 @@ from enum import Enum, auto
 from typing import TYPE_CHECKING
 
 from gptserve.engine.decoding import Decoding
-from gptserve.engine.outputs import ChoiceDelta, FinishReason, Logprob
+from gptserve.engine.outputs import ChoiceDelta, FinishReason, Logprob, TokenDetail
 from gptserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class Sequence:
         self.new_token_ids: list[int] = []
         self.new_text = ""
         self.new_logprobs: list[Logprob] = []
+        self.new_details: list[TokenDetail] = []
         self.prompt_logprobs: list[Logprob | None] | None = [None] if params.prompt_logprobs else None
 
     @property
@@ -98,21 +99,23 @@ class Sequence:
         """Whether n more computed tokens make this sequence's next token due."""
         return self.is_read_after(n) and not self.scores_only
 
-    def append_output(self, token: int, logprob: Logprob | None) -> None:
+    def append_output(self, token: int, logprob: Logprob | None, detail: TokenDetail | None = None) -> None:
         self.token_ids.append(token)
         self.new_token_ids.append(token)
         if logprob is not None:
             self.new_logprobs.append(logprob)
+        if detail is not None:
+            self.new_details.append(detail)
 
     def take_delta(self) -> ChoiceDelta | None:
         """What is new since the last delta (None: nothing, and no finish to tell)."""
-        ids, text, logprobs = self.new_token_ids, self.new_text, self.new_logprobs
+        ids, text, logprobs, details = self.new_token_ids, self.new_text, self.new_logprobs, self.new_details
         if not (ids or text or (self.is_finished and not self.finish_sent)):
             return None
-        self.new_token_ids, self.new_text, self.new_logprobs = [], "", []
+        self.new_token_ids, self.new_text, self.new_logprobs, self.new_details = [], "", [], []
         self.finish_sent = self.is_finished
         return ChoiceDelta(self.index, text, ids, logprobs if self.params.logprobs is not None else None,
-                           self.finish_reason, self.stop_reason)
+                           self.finish_reason, self.stop_reason, details if self.params.token_details else None)
 
 
 class VerifyRow:
@@ -155,12 +158,15 @@ class Request:
     sent_first: bool = False
 
 
-def rows_by_sequence(rows: list, tokens: list[int], logprobs: list) -> list[tuple[Sequence, list[int], list]]:
-    """The step's sampled rows grouped by sequence, in row order (a verify has several)."""
-    grouped: dict[int, tuple[Sequence, list[int], list]] = {}
-    for row, token, logprob in zip(rows, tokens, logprobs):
+def rows_by_sequence(rows: list, tokens: list[int], logprobs: list,
+                     details: list) -> list[tuple[Sequence, list[int], list, list]]:
+    """The step's sampled rows grouped by sequence, in row order (a verify has several):
+    (sequence, tokens, logprobs, token details)."""
+    grouped: dict[int, tuple[Sequence, list[int], list, list]] = {}
+    for row, token, logprob, detail in zip(rows, tokens, logprobs, details):
         seq = row.seq if isinstance(row, VerifyRow) else row
-        _, seq_tokens, seq_logprobs = grouped.setdefault(seq.seq_id, (seq, [], []))
+        _, seq_tokens, seq_logprobs, seq_details = grouped.setdefault(seq.seq_id, (seq, [], [], []))
         seq_tokens.append(token)
         seq_logprobs.append(logprob)
+        seq_details.append(detail)
     return list(grouped.values())

@@ -31,7 +31,7 @@ from typing import Callable
 from gptserve.config import SpeculativeConfig
 from gptserve.engine.block_manager import BlockManager
 from gptserve.engine.limits import EngineLimits
-from gptserve.engine.outputs import Logprob
+from gptserve.engine.outputs import Logprob, TokenDetail
 from gptserve.engine.proposers import DraftProposer, NgramProposer
 from gptserve.engine.sequence import Sequence, SequenceStatus
 
@@ -111,17 +111,21 @@ class Speculator:
         return guesses
 
     def accept(self, seq: Sequence, tokens: list[int], logprobs: list[Logprob | None],
-               append: Callable[[Sequence, int, Logprob | None], None]) -> None:
-        """A verified sequence's rows: append (`append(seq, token, logprob)`) the guesses
-        that stood and the token of the first row that did not confirm one; the K/V of the
-        rest is given back."""
+               details: list[TokenDetail | None],
+               append: Callable[[Sequence, int, Logprob | None, TokenDetail | None], None]) -> None:
+        """A verified sequence's rows: append (`append(seq, token, logprob, detail)`) the
+        guesses that stood (their details say so) and the token of the first row that did
+        not confirm one; the K/V of the rest is given back."""
         guesses = seq.decoding.guesses
         accepted = accepted_count(guesses, tokens)
         self.stats.record(self.proposer.method, len(guesses), accepted)
         seq.decoding.backoff.record(len(guesses), accepted, self.config.min_acceptance)
         seq.decoding.keep_guesses(0)
-        for token, logprob in zip(tokens[:accepted + 1], logprobs[:accepted + 1]):
-            append(seq, token, logprob)
+        for j, (token, logprob, detail) in enumerate(zip(tokens[:accepted + 1], logprobs[:accepted + 1],
+                                                          details[:accepted + 1])):
+            if detail is not None:
+                detail.guessed = j < accepted
+            append(seq, token, logprob, detail)
             if seq.is_finished:
                 return
         seq.num_computed_tokens = len(seq) - 1  # the K/V of the guesses that stood is in the cache
