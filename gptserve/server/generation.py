@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from gptserve.engine.client import EngineClient
-from gptserve.engine.outputs import FinishReason, Logprob, RequestOutput
+from gptserve.engine.outputs import FinishReason, Logprob, RequestOutput, TokenDetail
 from gptserve.engine.sampling_params import SamplingParams
 from gptserve.server.errors import from_exception
 from gptserve.server.metrics import ModelMetrics, RequestTracker
@@ -132,6 +132,7 @@ class ChoiceResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
+    details: list[TokenDetail] = field(default_factory=list)  # when the request asked (token_details)
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it, if one did
 
@@ -164,6 +165,7 @@ async def collect(generation: Generation) -> list[PromptResult]:
             choice.text += delta.text
             choice.token_ids.extend(delta.token_ids)
             choice.logprobs.extend(delta.logprobs or [])
+            choice.details.extend(delta.details or [])
             choice.finish_reason = finish_reason_of(delta.finish_reason) or choice.finish_reason
             choice.stop_reason = delta.stop_reason if delta.stop_reason is not None else choice.stop_reason
     return [results[i] for i in sorted(results)]

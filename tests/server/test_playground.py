@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gptserve.config import SpeculativeConfig
 from tests.conftest import prometheus_value
 from tests.server.conftest import API_KEY, RunningServer, start_server
 
@@ -195,3 +196,27 @@ def test_a_chinese_prompt_shows_its_characters_across_tokens(explained):
     assert "".join(chinese["chars"]) == "你好，世界！🙂"
     assert chinese["splitChars"] > 0  # a character whose bytes lie in two tokens
     assert chinese["tokens"] == chinese["embeddingRows"] > len(chinese["chars"]) - chinese["splitChars"]
+
+
+@pytest.fixture(scope="module")
+def details(browser_driver, make_checkpoint) -> dict:
+    """The chat with "show what the server did", on a server that speculates (n-gram)."""
+    running = start_server(make_checkpoint(n_positions=1024), {"speculative": SpeculativeConfig("ngram", max_batch=64)})
+    try:
+        return drive(browser_driver, running, "details")
+    finally:
+        running.stop()
+
+
+def test_the_chat_shows_what_the_grammar_allowed_at_each_token(details):
+    assert details["requests"][0] == {"token_details": True, "response_format": "json_schema"}
+    assert details["constrained"] == details["tokens"] > 0
+    assert "the grammar allowed" in details["popup"]
+
+
+def test_the_chat_marks_tokens_from_confirmed_guesses_and_the_acceptance_rate(details):
+    assert details["requests"][1] == {"token_details": True, "response_format": None}
+    assert details["guessed"] > 0 and details["guessedData"] == str(details["guessed"])
+    assert "from confirmed guesses" in details["status"] and "conversation:" in details["status"]
+    assert "a speculative guess, confirmed by the model" in details["guessedPopup"]
+    assert not details["consoleErrors"]

@@ -4,6 +4,7 @@ become one grammar (structured.py), and tool calls are read back out of the answ
 turn itself is chat_turn.py's, shared with the Responses and Messages APIs."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import AsyncIterator, TYPE_CHECKING
@@ -11,12 +12,13 @@ from typing import AsyncIterator, TYPE_CHECKING
 from fastapi import Request
 from fastapi.responses import Response
 
-from gptserve.engine.outputs import Logprob
+from gptserve.engine.outputs import Logprob, TokenDetail
 from gptserve.server.chat_turn import open_chat
 from gptserve.server.generation import Generation, UsageCounter, collect, finish_reason_of, usage_of
 from gptserve.server.openai.protocol.chat import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
                                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                                                  ChatLogprobToken, ChatResponseMessage, DeltaMessage)
+                                                  ChatLogprobToken, ChatResponseMessage, DeltaMessage,
+                                                  ForbiddenToken, TokenDetails)
 from gptserve.server.protocol.base import TopLogprob, Usage
 from gptserve.server.serving import LimitedSettings, ServingContext, clamp_logprob
 from gptserve.server.structured import ToolCallStream, ToolPlan, format_grammar, parse_tool_calls, tool_plan
@@ -37,6 +39,13 @@ def chat_logprobs(tokenizer: Tokenizer, logprobs: list[Logprob]) -> ChatLogprobs
     ])
 
 
+def token_details(tokenizer: Tokenizer, details: list[TokenDetail]) -> list[TokenDetails]:
+    """Our extension's form of each token's details: forbidden tokens as text."""
+    return [TokenDetails(allowed_tokens=d.allowed, guessed=d.guessed, forbidden=[
+        ForbiddenToken(token=tokenizer.token_str(t), logprob=clamp_logprob(lp)) for t, lp in d.forbidden])
+        for d in details]
+
+
 class ServingChat:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
@@ -52,7 +61,9 @@ class ServingChat:
                                ctx.config)
         output_format, format_param = await format_grammar(req.response_format, req.structured_outputs, ctx.config)
         generation = open_chat(ctx, req.messages, plan, output_format, format_param,
-                               lambda stop, grammar: req.to_sampling_params(extra_stop=stop, grammar=grammar),
+                               lambda stop, grammar: dataclasses.replace(
+                                   req.to_sampling_params(extra_stop=stop, grammar=grammar),
+                                   token_details=bool(req.token_details)),
                                f"chatcmpl-{uuid.uuid4().hex}", req.model)
         return await ctx.respond(request, generation, bool(req.stream),
                                  lambda: self._chunks(req, generation, plan),
@@ -76,7 +87,8 @@ class ServingChat:
                 finish_reason = "tool_calls" if ended_by_grammar else finish_reason
             choices.append(ChatCompletionChoice(
                 index=i, message=message, finish_reason=finish_reason,
-                logprobs=chat_logprobs(tokenizer, choice.logprobs) if req.logprobs else None))
+                logprobs=chat_logprobs(tokenizer, choice.logprobs) if req.logprobs else None,
+                token_details=token_details(tokenizer, choice.details) if req.token_details else None))
         return ChatCompletionResponse(id=generation.request_id, model=generation.model,
                                       choices=choices, usage=usage_of([result]),
                                       system_fingerprint=self.ctx.system_fingerprint)
@@ -98,13 +110,14 @@ class ServingChat:
             usage.add(prompt_index, out)
             for delta in out.choices:
                 logprobs = chat_logprobs(self.ctx.tokenizer, delta.logprobs) if req.logprobs and delta.logprobs else None
+                details = token_details(self.ctx.tokenizer, delta.details) if delta.details else None
                 content, tool_calls = calls[delta.index].push(delta.text)
                 finish_reason = finish_reason_of(delta.finish_reason)
                 if finish_reason:
                     content += calls[delta.index].finish()
-                if content or logprobs:
+                if content or logprobs or details:
                     yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=content),
-                                                 logprobs=logprobs)])
+                                                 logprobs=logprobs, token_details=details)])
                 if tool_calls and req.functions is not None:  # the legacy form: one function_call
                     for call in tool_calls:
                         yield chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(function_call=call.function))])

@@ -14,6 +14,8 @@ const state = {
   maxModelLen: null,
   history: [],          // [{role, content}], the conversation without the system message
   controller: null,     // AbortController of the reply being streamed
+  tokens: 0,            // tokens generated in this conversation with token details on
+  guessed: 0,           // of those, speculative guesses the model confirmed
   inspection: null,     // the last /v1/inspect answer
 };
 
@@ -154,16 +156,33 @@ function scrollToEnd() {
   messages.scrollTop = messages.scrollHeight;
 }
 
-function appendTokens(box, entries) {
+// `details`: our token_details extension, one per entry, when the request asked for them.
+function appendTokens(box, entries, details) {
   const strip = box.querySelector(".tokens");
-  for (const entry of entries) {
+  entries.forEach((entry, i) => {
     const p = Math.exp(entry.logprob);
     const span = el("span", "tok", entry.token);
     span.style.background = probColour(p);
     span.dataset.prob = String(p);
     span.entry = entry;
+    const detail = details?.[i];
+    if (detail) {
+      span.detail = detail;
+      if (detail.guessed) span.classList.add("guessed");
+      if (detail.allowed_tokens !== null) {
+        span.classList.add("constrained");
+        span.dataset.allowed = String(detail.allowed_tokens);
+      }
+    }
     strip.append(span);
-  }
+  });
+}
+
+// The request's response_format from the JSON schema box (none when it is empty).
+function responseFormat() {
+  const text = $("json-schema").value.trim();
+  if (!text) return undefined;
+  return { type: "json_schema", json_schema: { name: "answer", schema: JSON.parse(text) } };
 }
 
 function setBusy(busy) {
@@ -190,10 +209,16 @@ async function send(text) {
     logprobs: true,
     top_logprobs: TOP_LOGPROBS,
   };
+  try {
+    request.response_format = responseFormat();
+  } catch (e) {
+    notice(`The JSON schema is not valid JSON: ${e.message}`);
+  }
+  if ($("show-details").checked) request.token_details = true;
   updatePromptTokens();
   state.controller = new AbortController();
   setBusy(true);
-  let reply = "", finish = null, usage = null, numTokens = 0;
+  let reply = "", finish = null, usage = null, numTokens = 0, guessed = 0, detailed = 0;
   const started = performance.now();
   try {
     const response = await api("/v1/chat/completions", request, { signal: state.controller.signal });
@@ -211,7 +236,12 @@ async function send(text) {
         }
         const entries = choice.logprobs?.content ?? [];
         numTokens += entries.length;
-        appendTokens(box, entries);
+        const details = choice.token_details;
+        if (details) {
+          detailed += details.length;
+          guessed += details.filter((d) => d.guessed).length;
+        }
+        appendTokens(box, entries, details);
         finish = choice.finish_reason ?? finish;
       }
       box.dataset.tokens = String(numTokens);
@@ -220,6 +250,14 @@ async function send(text) {
     const seconds = (performance.now() - started) / 1000;
     const count = usage?.completion_tokens ?? numTokens;
     status.textContent = `finish_reason: ${finish} · ${count} tokens · ${(count / seconds).toFixed(1)} tokens/s`;
+    if (detailed) {
+      state.tokens += detailed;
+      state.guessed += guessed;
+      const share = (part, whole) => `${(100 * part / whole).toFixed(1)}%`;
+      status.textContent += ` · ${guessed} from confirmed guesses (${share(guessed, detailed)}; ` +
+        `conversation: ${share(state.guessed, state.tokens)})`;
+      box.dataset.guessed = String(guessed);
+    }
     box.dataset.finish = finish ?? "";
   } catch (e) {
     if (e.name === "AbortError") {
@@ -289,6 +327,25 @@ function showPopup(span) {
     list.append(row);
   }
   popup.replaceChildren(el("div", "popup-title", `chosen: ${visible(entry.token)} · p = ${percent(Number(span.dataset.prob))}`), list);
+  const detail = span.detail;
+  if (detail?.guessed) popup.append(el("div", "popup-note", "a speculative guess, confirmed by the model"));
+  if (detail && detail.allowed_tokens !== null) {
+    popup.append(el("div", "popup-note", `the grammar allowed ${detail.allowed_tokens.toLocaleString()} tokens here` +
+      (detail.forbidden.length ? "; it forbade these, which the model wanted:" : "")));
+    const banned = el("table", "forbidden");
+    for (const f of detail.forbidden) {
+      const p = Math.exp(f.logprob);
+      const row = el("tr");
+      const bar = el("div", "bar");
+      bar.style.width = `${(100 * p).toFixed(1)}%`;
+      bar.style.background = "#c9ced6";
+      const barCell = el("td", "bar-cell");
+      barCell.append(bar);
+      row.append(el("td", "alt-token", visible(f.token)), barCell, el("td", "alt-prob", percent(p)));
+      banned.append(row);
+    }
+    popup.append(banned);
+  }
   popup.hidden = false;
   const r = span.getBoundingClientRect();
   const left = Math.min(window.scrollX + r.left, window.scrollX + window.innerWidth - popup.offsetWidth - 8);
@@ -483,7 +540,11 @@ function init() {
   $("user-input").addEventListener("input", updatePromptTokens);
   $("system").addEventListener("input", updatePromptTokens);
   $("stop").addEventListener("click", () => state.controller?.abort());
+  $("show-details").addEventListener("change", () => {
+    document.body.classList.toggle("show-details", $("show-details").checked);
+  });
   $("clear").addEventListener("click", () => {
+    state.tokens = state.guessed = 0;
     state.controller?.abort();
     state.history = [];
     $("messages").replaceChildren();

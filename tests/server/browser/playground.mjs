@@ -6,6 +6,8 @@
 //                       view with a token's alternatives, the inspect heatmap
 //   SCENARIO "api-key": the page asks for the key, and works once it is pasted
 //   SCENARIO "readme":  a conversation with the probability view on, for docs/playground.png
+//   SCENARIO "details": the chat with "show what the server did": a JSON-schema answer whose
+//                       tokens show the grammar's choices, then a reply with speculative guesses
 //   SCENARIO "explain": the Explain view on an English and a Chinese prompt: every step, a
 //                       token clicked, the sliders; each step's screenshot (docs/explain-*.png)
 // Driven by tests/server/test_playground.py; set-up: npm ci --prefix tests/server/browser.
@@ -249,11 +251,43 @@ async function explain() {
   await shot("6-explain-chinese");
 }
 
+async function details() {
+  await page.goto(baseURL);
+  await loaded();
+  await page.check("#show-details");
+  await page.fill("#json-schema", '{"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, ' +
+    '"required": ["city"]}');
+  await sendMessage("A city?", { maxTokens: 24, temperature: 0 });
+  await finished(0);
+  const constrained = assistant(0).locator(".tok.constrained");
+  result.constrained = await constrained.count();
+  result.tokens = await assistant(0).locator(".tok").count();
+  await constrained.first().hover();
+  await page.locator("#token-popup").waitFor({ state: "visible" });
+  result.popup = await page.textContent("#token-popup");
+  await page.fill("#json-schema", "");
+  await sendMessage("one two three four one two three four one two three four one two three four", {
+    maxTokens: 48, temperature: 0 });
+  await finished(1);
+  result.guessed = await assistant(1).locator(".tok.guessed").count();
+  result.guessedData = await assistant(1).getAttribute("data-guessed");
+  result.status = await assistant(1).locator(".status").textContent();
+  const guessed = assistant(1).locator(".tok.guessed");
+  if (await guessed.count()) {
+    await guessed.first().hover();
+    result.guessedPopup = await page.textContent("#token-popup");
+  }
+  result.requests = result.chatRequests.map((r) => ({ token_details: r.body.token_details ?? null,
+    response_format: r.body.response_format?.type ?? null }));
+  await shot("7-details");
+}
+
 try {
   if (scenario === "session") await session();
   else if (scenario === "api-key") await keyed();
   else if (scenario === "readme") await readme();
   else if (scenario === "explain") await explain();
+  else if (scenario === "details") await details();
   else throw new Error(`unknown scenario ${scenario}`);
   result.ok = true;
 } catch (e) {

@@ -25,6 +25,9 @@ class ChatCompletionRequest(SamplingRequest):
     function_call: Literal["none", "auto"] | NamedFunction | None = None  # the legacy form of tool_choice
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # ours, as vLLM's
+    # ours: each generated token's TokenDetails (what the grammar allowed and forbade, whether
+    # it was a confirmed speculative guess), in `choices[].token_details`
+    token_details: bool | None = False
     # OpenAI features this server can't honour, declared so they are refused by name
     # (documented as the values that are accepted)
     audio: Any = documented(type="null")
@@ -89,7 +92,31 @@ class ChatResponseMessage(OpenAIModel):
     function_call: FunctionCall | None = None  # the legacy form, when the request sent `functions`
 
 
-class ChatCompletionChoice(OpenAIModel):
+class ForbiddenToken(OpenAIModel):
+    token: str
+    logprob: float  # the model's, before the grammar's mask
+
+
+class TokenDetails(OpenAIModel):  # ours: what the server did to one generated token
+    allowed_tokens: int | None = None  # how many the grammar allowed at that step (None: no grammar)
+    forbidden: list[ForbiddenToken] = Field(default_factory=list)  # the model's likeliest tokens it banned
+    guessed: bool = False  # a speculative guess that the model confirmed
+
+
+class WithTokenDetails(OpenAIModel):
+    """A choice that carries `token_details` only when the request asked for them."""
+
+    token_details: list[TokenDetails] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked(self, handler: Any) -> dict:
+        data = handler(self)
+        if data.get("token_details") is None:
+            data.pop("token_details", None)
+        return data
+
+
+class ChatCompletionChoice(WithTokenDetails):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
@@ -117,7 +144,7 @@ class DeltaMessage(OpenAIModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatChunkChoice(OpenAIModel):
+class ChatChunkChoice(WithTokenDetails):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
