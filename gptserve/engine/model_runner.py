@@ -259,7 +259,8 @@ class ModelRunner:
 
 
 def _strip(vectors: torch.Tensor, cells: int) -> torch.Tensor:
-    """(T, C) -> (T, min(C, cells)): each row averaged over runs of ceil(C / cells) values."""
+    """(T, C) -> (T, at most `cells`): each row averaged over runs of ceil(C / cells) values
+    (the last run may be shorter)."""
     t, c = vectors.shape
     if c <= cells:
         return vectors

@@ -131,3 +131,20 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, param):
         r = http.post("/v1/explain", json={"prompt": PROMPT, **body})
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("which", ["bundled", "gpt2-small"])
+def test_the_bundled_model_and_gpt2_small_are_explained_at_the_default_precision(which, gpt2_small_checkpoint):
+    from gptserve.config import EngineConfig
+    from gptserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(None if which == "bundled" else str(gpt2_small_checkpoint),
+                       EngineConfig(device="cpu", kv_cache_memory=16 * 2**20, enforce_eager=True))
+    ids = engine.tokenizer.encode(PROMPT)
+    seen = engine.explain(ids, 4, 50, 4)
+    cfg = engine.model_config
+    group = -(-cfg.n_embd // 128)  # values averaged into a cell
+    assert len(seen.token_vectors) == len(ids) and len(seen.token_vectors[0]) == -(-cfg.n_embd // group) <= 128
+    assert len(seen.scores) == cfg.n_layer and len(seen.scores[0]) == cfg.n_head and len(seen.scores[0][0]) == 5
+    assert len(seen.neurons) == cfg.n_layer and all(0 <= i < cfg.mlp_dim for i, _ in seen.neurons[0])
+    assert len(seen.logits) == 50 and seen.logits[0][1] >= seen.logits[-1][1]
