@@ -187,6 +187,11 @@ def test_the_sliders_reshape_the_next_token_distribution_in_the_page(explained):
     assert explained["chosen"] == 1  # a drawn token is marked
 
 
+def test_the_whole_attention_map_opens_in_the_inspect_tab(explained):
+    seen = explained["inspectFromExplain"]
+    assert seen["layer"] == "1" and seen["prompt"] == "The quick brown fox jumps over the lazy" and seen["painted"] > 0
+
+
 def test_clicking_a_token_reads_every_step_at_it(explained):
     assert explained["third"]["attentionRows"] == 3 and "token 2" in explained["third"]["position"]
 

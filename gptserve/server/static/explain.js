@@ -243,4 +243,6 @@ export function initExplain(ui) {
   $("explain-mlp-layer").addEventListener("change", () => view.data && renderFeedForward(view.data));
   for (const id of ["explain-temperature", "explain-top-p"]) $(id).addEventListener("input", renderNext);
   $("explain-sample").addEventListener("click", sample);
+  $("explain-to-inspect").addEventListener("click", () => ui.openInspect(
+    $("explain-prompt").value, $("explain-layer").value, $("explain-head").value));
 }

@@ -494,6 +494,17 @@ async function runInspect() {
   }
 }
 
+// The Inspect tab's heatmap of `prompt` at a layer and head (from the Explain view).
+async function openInspect(prompt, layer, head) {
+  $("inspect-prompt").value = prompt;
+  showTab("inspect");
+  await runInspect();
+  if (!state.inspection) return;
+  $("layer").value = layer;
+  $("head").value = head;
+  drawHeatmap();
+}
+
 // ---- wiring --------------------------------------------------------------------------
 
 function showTab(name) {
@@ -522,7 +533,7 @@ function init() {
   $("tab-chat").addEventListener("click", () => showTab("chat"));
   $("tab-inspect").addEventListener("click", () => showTab("inspect"));
   $("tab-explain").addEventListener("click", () => showTab("explain"));
-  initExplain({ $, el, api, visible, percent, probColour, notice, model: () => state.model });
+  initExplain({ $, el, api, visible, percent, probColour, notice, openInspect, model: () => state.model });
 
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();

@@ -243,6 +243,13 @@ async function explain() {
   await page.click("#explain-sample");
   result.chosen = await page.locator("#explain-next li.chosen").count();
   await slide("explain-top-p", 1);
+  await page.selectOption("#explain-layer", "1");
+  await page.click("#explain-to-inspect");
+  await page.locator("#inspect-view").waitFor({ state: "visible" });
+  await page.locator("#next-tokens li").first().waitFor();
+  result.inspectFromExplain = { layer: await page.inputValue("#layer"), prompt: await page.inputValue("#inspect-prompt"),
+    painted: (await canvasPixels()).painted };
+  await page.click("#tab-explain");
   await explainRun(() => page.locator("#explain-tokens .chip").nth(2).click());
   result.third = await explainSteps();
   await page.fill("#explain-prompt", "你好，世界！🙂");
