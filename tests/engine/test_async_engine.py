@@ -96,10 +96,10 @@ async def test_a_too_long_prompt_is_refused_before_any_output(engine):
 async def test_a_failure_in_one_request_fails_it_alone(engine, monkeypatch):
     append_token = engine.engine._append_token
 
-    def faulty(seq, token, logprob):
+    def faulty(seq, token, logprob, detail=None):
         if seq.request_id == "bad" and seq.num_output_tokens == 2:
             raise RuntimeError("injected")
-        append_token(seq, token, logprob)
+        append_token(seq, token, logprob, detail)
     monkeypatch.setattr(engine.engine, "_append_token", faulty)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     results = await asyncio.gather(collect(engine, [1, 2], params, "good1"), collect(engine, [3, 4], params, "bad"),

@@ -79,10 +79,10 @@ def arm_fault(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Iterato
         return any(prompt[i:i + len(marker)] == marker for i in range(len(prompt) - len(marker) + 1))
 
     def arm(after: int = 0) -> None:
-        def faulty(seq: Sequence, token: int, logprob) -> None:
+        def faulty(seq: Sequence, token: int, logprob, detail=None) -> None:
             if seq.num_output_tokens >= after and carries_marker(seq):
                 raise RuntimeError("injected fault")
-            append_token(seq, token, logprob)
+            append_token(seq, token, logprob, detail)
         monkeypatch.setattr(engine, "_append_token", faulty)
 
     yield arm
