@@ -11,7 +11,10 @@ Random weights of the real GPT-2 shapes (gpt2, gpt2-xl), the same weights for ev
   (d) offline throughput at 256 concurrent mixed-length requests against transformers'
       batched generate (left-padded, each batch to its longest output);
   (e) served throughput and TTFT at concurrency 1, 16, 64, 256 through `gptserve serve`
-      and bench/serve.py.
+      and bench/serve.py;
+  (f) LoRA adapters on the GPU (the Triton kernels of gptserve/model/triton_lora.py): three
+      random rank-8 adapters in PEFT's layout: a batch mixing them with the base model gives
+      each request's tokens alone, and each adapter changes the output.
 It writes OUT.json and OUT.md (a markdown table), and exits 1 if a check failed.
 
 Needs torch (a CUDA build), triton, transformers, and the engine's own packages (tiktoken,
@@ -310,6 +313,51 @@ def engine_steps(folder: Path, dtype_name: str, args) -> dict:
 
 # ---------------------------------------------------------------- (e) served
 
+def lora_adapter(folder: Path, cfg, rank: int, seed: int) -> Path:
+    """A random adapter in PEFT's layout (adapter_config.json, adapter_model.safetensors) on
+    every linear layer, B not zero, so that it changes the output."""
+    from safetensors.torch import save_file
+
+    from gptserve.model.lora import TARGETS, target_shape
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.n_layer):
+        for target in TARGETS:
+            fan_in, fan_out = target_shape(cfg, target)
+            key = f"base_model.model.transformer.h.{layer}.{target}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) / rank ** 0.5
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                                                            "target_modules": ["c_attn", "c_proj", "c_fc"]}))
+    return folder
+
+
+def lora_steps(folder: Path, dtype_name: str, args) -> dict:
+    """(f): a batch mixing the base model and three adapters equals each request alone."""
+    from gptserve.config import EngineConfig
+    from gptserve.engine.llm_engine import LLMEngine
+    from gptserve.weights.loader import read_config
+
+    cfg = read_config(folder)
+    adapters = {f"a{i}": str(lora_adapter(folder.parent / f"lora-{i}", cfg, 8, i)) for i in range(3)}
+    e = LLMEngine(str(folder), EngineConfig(device=args.device, dtype=dtype_name, lora_modules=adapters, max_loras=4,
+                                           gpu_memory_utilization=args.gpu_memory_utilization,
+                                           kv_cache_memory=64 * 2**20 if args.device == "cpu" else None))
+    prompts = prompts_of([9, 30, 17, 50], seed=3)
+    names = [None, "a0", "a1", "a2"]
+    params = [greedy(24) for _ in names]
+    for p, name in zip(params, names):
+        p.adapter = name
+    alone = [e.generate([prompt], p)[0][0] for prompt, p in zip(prompts, params)]
+    together = [r[0] for r in e.generate(prompts, params)]
+    differs = len({tuple(t) for t in alone}) == len(alone)
+    return {"ok": together == alone and differs, "batched_equals_alone": together == alone,
+            "adapters_change_the_output": differs}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -424,6 +472,10 @@ def table(report: dict) -> str:
             lines.append(f"| (d) offline, {o['requests']} concurrent | {shape} | {dtype} | | "
                          f"{o['gptserve']['tokens_per_s']:.0f} tok/s vs transformers "
                          f"{o['transformers']['tokens_per_s']:.0f} ({o['ratio']:.1f}x) |")
+        elif step == "lora":
+            row("(f) LoRA, mixed batch = alone", shape, dtype, r, "" if "error" in r else
+                f"batched = alone: {r['batched_equals_alone']}; adapters change the output: "
+                f"{r['adapters_change_the_output']}")
         elif step == "served" and ("error" in r or "skipped" in r):
             lines.append(f"| (e) served | {shape} | {dtype} | {r.get('error') or 'skipped: ' + r['skipped']} | |")
         elif step == "served":
@@ -510,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             del reference
             free_memory()
             step(f"engine:{shape}:{args.dtypes[0]}", engine_steps, folder, args.dtypes[0], args)
+            step(f"lora:{shape}:{args.dtypes[0]}", lora_steps, folder, args.dtypes[0], args)
+            free_memory()  # the engine of (f) is gone: give its GPU memory back before (e)'s server
             if shape == args.serve_shape:
                 why = serve_skip_reason(args)
                 if why:

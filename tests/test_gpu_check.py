@@ -27,7 +27,8 @@ def test_the_smoke_run_passes_every_step_and_writes_the_json_and_the_table(tmp_p
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     steps = report["steps"]
-    assert set(steps) == {"parity:tiny:float32", "engine:tiny:float32", "served:tiny:float32"}
+    assert set(steps) == {"parity:tiny:float32", "engine:tiny:float32", "lora:tiny:float32", "served:tiny:float32"}
+    assert steps["lora:tiny:float32"]["ok"]
     assert steps["parity:tiny:float32"]["ok"] and steps["parity:tiny:float32"]["greedy_equal_steps"] == [16, 16]
     engine = steps["engine:tiny:float32"]
     assert engine["graphs_vs_eager"]["ok"] and engine["offline"]["requests"] == 16
@@ -35,7 +36,8 @@ def test_the_smoke_run_passes_every_step_and_writes_the_json_and_the_table(tmp_p
     served = steps["served:tiny:float32"]
     assert served["ok"] and set(served["by_concurrency"]) == {"1", "4"}
     table = out.with_suffix(".md").read_text()
-    for step in ("(a) parity", "(b) graphs = eager", "(c) batch-1 ITL", "(d) offline", "(e) served, concurrency 4"):
+    for step in ("(a) parity", "(b) graphs = eager", "(c) batch-1 ITL", "(d) offline", "(e) served, concurrency 4",
+                 "(f) LoRA"):
         assert step in table
 
 
