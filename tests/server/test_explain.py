@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.server.conftest import MODEL_NAME
+from tests.server.conftest import API_KEY, MODEL_NAME
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 TOL = 1e-4
@@ -148,3 +148,10 @@ def test_the_bundled_model_and_gpt2_small_are_explained_at_the_default_precision
     assert len(seen.scores) == cfg.n_layer and len(seen.scores[0]) == cfg.n_head and len(seen.scores[0][0]) == 5
     assert len(seen.neurons) == cfg.n_layer and all(0 <= i < cfg.mlp_dim for i, _ in seen.neurons[0])
     assert len(seen.logits) == 50 and seen.logits[0][1] >= seen.logits[-1][1]
+
+
+def test_explain_needs_the_api_key_when_the_server_has_one(keyed_server):
+    with keyed_server.http() as http:
+        assert http.post("/v1/explain", json={"prompt": PROMPT}).status_code == 401
+        ok = http.post("/v1/explain", json={"prompt": PROMPT}, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert ok.status_code == 200, ok.text
