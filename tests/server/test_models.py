@@ -234,3 +234,13 @@ def test_a_stored_response_knows_its_model(two_models):
     follow_up = client.responses.create(model="alpha", input="And?", previous_response_id=first.id,
                                         max_output_tokens=4)
     assert follow_up.model == "alpha"
+
+
+def test_a_continued_conversation_that_names_no_model_stays_with_its_model(two_models):
+    with two_models.http() as http:
+        first = http.post("/v1/responses", json={"model": "beta", "input": "Hello", "max_output_tokens": 4}).json()
+        follow_up = http.post("/v1/responses", json={"input": "And?", "previous_response_id": first["id"],
+                                                     "max_output_tokens": 4}).json()
+        fresh = http.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 4}).json()
+    assert follow_up["model"] == "beta"
+    assert fresh["model"] == "alpha"  # no conversation: the first model

@@ -24,8 +24,19 @@ def stored(request: Request) -> ServingResponses:
 
 @router.post("/v1/responses", responses=generation_responses(ResponseObject, ResponseObject))
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
-    async with model_for(request, body.model) as ctx:
+    async with model_for(request, await conversation_model(request, body)) as ctx:
         return await ServingResponses(ctx, request.app.state.store).create(body, request)
+
+
+async def conversation_model(request: Request, body: ResponsesRequest) -> str | None:
+    """The model a request names; one that names none but continues a stored conversation
+    goes on with the model that answered it, while the server still serves it."""
+    store = request.app.state.store
+    if body.model is not None or body.previous_response_id is None or store is None:
+        return body.model
+    previous = await store.get(body.previous_response_id)
+    model = previous.response.get("model") if previous is not None else None
+    return model if model in request.app.state.models.names() else None
 
 
 @router.get("/v1/responses/{response_id}", responses=error_responses(404))
