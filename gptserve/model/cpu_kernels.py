@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / "cpu_kernels.cpp"]
 # a new name for each change of the bindings or of how they are built, so that an old cached
 # build isn't loaded
-EXTENSION = "gptserve_cpu_kernels_v11"
+EXTENSION = "gptserve_cpu_kernels_v12"
 # torch's build lock; a build takes a minute at most, so an older lock was left by a build
 # that was killed, and would make every later start wait for it forever
 STALE_LOCK_S = 600

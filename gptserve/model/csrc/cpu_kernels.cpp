@@ -772,6 +772,36 @@ torch::Tensor panel_rows(torch::Tensor panels, c10::optional<torch::Tensor> scal
 // scaling folded in), ranks (S,): the first ranks[s] of R used. Punica's BGMV (batched
 // gather matrix-vector): one matrix-vector product per row with the weights its slot names,
 // so a batch may mix adapters and a row's result never depends on the others in its batch.
+// h = A x for one row: a (K, R), A transposed, so each input adds a row of R values (axpys
+// over the rank). The slots' ranks are padded to R with zeros, so R is the trip count, and the
+// common widths are compiled with it fixed: the rank loop then is whole vector registers.
+template <int64_t R>
+void shrink_fixed(const float* x, const float* a, int64_t K, float* h) {
+  float acc[R] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float xk = x[k];
+    const float* ak = a + k * R;
+    for (int64_t j = 0; j < R; ++j) acc[j] += xk * ak[j];
+  }
+  for (int64_t j = 0; j < R; ++j) h[j] = acc[j];
+}
+
+inline void shrink(const float* x, const float* a, int64_t K, int64_t R, float* h) {
+  switch (R) {
+    case 8: return shrink_fixed<8>(x, a, K, h);
+    case 16: return shrink_fixed<16>(x, a, K, h);
+    case 32: return shrink_fixed<32>(x, a, K, h);
+    case 64: return shrink_fixed<64>(x, a, K, h);
+    default:
+      std::fill(h, h + R, 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float xk = x[k];
+        const float* ak = a + k * R;
+        for (int64_t j = 0; j < R; ++j) h[j] += xk * ak[j];
+      }
+  }
+}
+
 void lora_add(torch::Tensor x, torch::Tensor y, torch::Tensor slots, torch::Tensor a, torch::Tensor b,
               torch::Tensor ranks) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: (N, K) float32, contiguous");
@@ -797,17 +827,10 @@ void lora_add(torch::Tensor x, torch::Tensor y, torch::Tensor slots, torch::Tens
       const int64_t s = sp[n];
       const int64_t r = s < 0 ? 0 : std::min(rp[s], R);
       if (r == 0) continue;
-      std::fill(h.begin(), h.end(), 0.f);
-      const float* as = ap + s * K * R;
-      const float* xn = xp + n * K;
-      for (int64_t k = 0; k < K; ++k) {  // h = A x, as axpys over the rank
-        const float xk = xn[k];
-        const float* ak = as + k * R;
-        for (int64_t j = 0; j < r; ++j) h[j] += xk * ak[j];
-      }
+      shrink(xp + n * K, ap + s * K * R, K, R, h.data());
       std::fill(d.begin(), d.end(), 0.f);
       const float* bs = bp + s * R * O;
-      for (int64_t j = 0; j < r; ++j) {  // d = B h, as axpys over the outputs
+      for (int64_t j = 0; j < r; ++j) {  // d = B h, as axpys over the outputs (rows past the rank: zeros, skipped)
         const float hj = h[j];
         const float* bj = bs + j * O;
         for (int64_t o = 0; o < O; ++o) d[o] += hj * bj[o];
