@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lora.json").write_text(json.dumps({"rounds": rounds, "loads": loads, "command": command,
-                                                    "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+                                                    "args": {k: str(v).replace(f"{ROOT}/", "")
+                                                             for k, v in vars(args).items()}}, indent=1))
     (args.out / "lora.md").write_text(text)
 
 
