@@ -93,6 +93,13 @@ def test_serve_refuses_a_bad_set_of_models_in_one_line(capsys, argv, words):
     assert code == 2 and err.startswith("gptserve: error: ") and words in err and err.count("\n") == 1
 
 
+def test_a_models_missing_chat_template_is_refused_at_start(capsys, tmp_path, tiny_checkpoint):
+    file = tmp_path / "models.toml"
+    file.write_text(f'[[models]]\nname = "a"\nmodel = "{tiny_checkpoint}"\nchat_template = "/no/such.jinja"\n')
+    code, err = run(capsys, "serve", "--models-file", str(file), "--device", "cpu", "--port", "0")
+    assert code == 2 and "chat template file '/no/such.jinja' does not exist" in err and err.count("\n") == 1
+
+
 def test_a_model_larger_than_the_budget_is_refused_at_start(capsys, tiny_checkpoint):
     code, err = run(capsys, "serve", "--model", f"a={tiny_checkpoint}", "--model", f"b={tiny_checkpoint}",
                     "--device", "cpu", "--models-memory", "1MiB", "--port", "0")

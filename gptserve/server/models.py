@@ -95,6 +95,8 @@ class ModelRegistry:
         for spec in specs:
             if spec.name in self.models:
                 raise ServedModelsError(f"two models are named {spec.name!r}")
+            if spec.chat_template is not None:  # a bad template fails the start, not the model's first load
+                ChatTemplate.load(spec.chat_template, "", "")
             engine = (loaded or {}).get(spec.name)
             memory = engine.memory_bytes if engine is not None else loader.estimate(spec)
             budget = config.models_memory
