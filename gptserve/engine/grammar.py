@@ -129,10 +129,21 @@ class GrammarCompiler:
         return rows, torch.from_numpy(bitmask)
 
 
+def _banned_in_rows(mask: tuple[list[int], torch.Tensor], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(R, V) bool: the tokens each constrained row's grammar disallows, in the mask's row order."""
+    bits = np.unpackbits(mask[1].numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(bits).to(device) == 0  # bit t of a row says "t allowed"
+
+
 def apply_grammar_mask(logits: torch.Tensor, mask: tuple[list[int], torch.Tensor]) -> None:
     """Set every disallowed token's logit to -inf, in place, in the constrained rows."""
-    rows, bitmask = mask
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[1]]
-    banned = torch.from_numpy(bits).to(logits.device) == 0  # (R, V): bit t of a row says "t allowed"
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(banned, float("-inf"))
+    index = torch.tensor(mask[0], device=logits.device)
+    logits[index] = logits[index].masked_fill(_banned_in_rows(mask, logits.shape[1], logits.device), float("-inf"))
+
+
+def banned_tokens(mask: tuple[list[int], torch.Tensor], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """(B, V) bool for a batch of `shape`: the tokens the grammars disallow (none in an
+    unconstrained row)."""
+    banned = torch.zeros(shape, dtype=torch.bool, device=device)
+    banned[torch.tensor(mask[0], device=device)] = _banned_in_rows(mask, shape[1], device)
+    return banned

@@ -64,8 +64,7 @@ class LLMEngine:
             return None
         if self.adapters is None:
             raise AdapterNotFoundError(name, [])
-        self.adapters.check(name)
-        return self.adapters.adapters[name]
+        return self.adapters.find(name)
 
     # ---- LoRA adapters (engine/lora.py) --------------------------------------------------
     def load_lora(self, name: str, path: str) -> None:

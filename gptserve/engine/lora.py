@@ -73,10 +73,11 @@ class AdapterTable:
         log.info("adapter %s unloaded%s", name, f" ({adapter.num_running} sequences finishing on it)"
                  if adapter.num_running else "")
 
-    def check(self, name: str) -> None:
-        """AdapterNotFoundError unless `name` is a loaded adapter."""
+    def find(self, name: str) -> Adapter:
+        """The loaded adapter `name`; AdapterNotFoundError when there is none."""
         if name not in self.adapters:
             raise AdapterNotFoundError(name, list(self.adapters))
+        return self.adapters[name]
 
     def cache_key(self, name: str) -> int:
         return self.adapters[name].cache_key

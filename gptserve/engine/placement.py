@@ -12,7 +12,7 @@ from gptserve.config import EngineConfig, ModelConfig
 from gptserve.model.attention import KVPool, PagedAttention, PagedMetadata, PrefillSpan
 from gptserve.model.cpu_kernels import panel_kernels
 from gptserve.model.gpt2 import GPT2
-from gptserve.model.lora import TARGETS, target_shape
+from gptserve.model.lora import LoRAStack
 from gptserve.weights.loader import read_config, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,7 @@ def estimated_memory(model: str | None, config: EngineConfig) -> int:
     cfg = read_config(resolve_model_path(model))
     precision = resolve_precision(config.dtype, config.quantization, resolve_device(config.device))
     kv = config.kv_cache_memory if config.kv_cache_memory is not None else CPU_DEFAULT_KV_BYTES
-    lora = 0
-    if config.lora_enabled:
-        per_rank = sum(sum(target_shape(cfg, t)) for t in TARGETS) * cfg.n_layer * 4
-        lora = config.max_loras * config.max_lora_rank * per_rank
+    lora = LoRAStack.bytes_needed(cfg, config.max_loras, config.max_lora_rank) if config.lora_enabled else 0
     return held_bytes(cfg, precision) + kv + lora
 
 

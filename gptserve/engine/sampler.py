@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptserve.engine.grammar import apply_grammar_mask
+from gptserve.engine.grammar import apply_grammar_mask, banned_tokens
 from gptserve.engine.outputs import Logprob, TokenDetail
 from gptserve.engine.sequence import Sequence, VerifyRow
 from gptserve.model.cpu_kernels import row_argmax
@@ -102,9 +102,7 @@ class Sampler:
         index = torch.tensor(rows, device=logits.device)
         finite = logits[index].nan_to_num(nan=FLOAT32.min, posinf=FLOAT32.max, neginf=FLOAT32.min)
         if grammar_mask is not None:  # the banned columns of `logits` are -inf, but so may be allowed ones
-            banned = torch.zeros_like(logits)
-            apply_grammar_mask(banned, grammar_mask)
-            finite = finite.masked_fill(banned[index] == NEG_INF, NEG_INF)
+            finite = finite.masked_fill(banned_tokens(grammar_mask, logits.shape, logits.device)[index], NEG_INF)
         tokens = list(tokens)
         for i, token in zip(rows, argmax(finite).tolist()):
             tokens[i] = token
@@ -189,9 +187,7 @@ class Sampler:
         out: list[TokenDetail | None] = [TokenDetail() if p.token_details else None for p in params]
         if grammar_mask is None:
             return out
-        banned = torch.zeros_like(raw)
-        apply_grammar_mask(banned, grammar_mask)
-        banned = banned == NEG_INF
+        banned = banned_tokens(grammar_mask, raw.shape, raw.device)
         for row in grammar_mask[0]:
             if out[row] is None:
                 continue

@@ -102,6 +102,12 @@ class LoRAStack:
         self.layers = [{t: LoRASlots(num_slots, *target_shape(cfg, t), max_rank, device) for t in TARGETS}
                        for _ in range(cfg.n_layer)]
 
+    @staticmethod
+    def bytes_needed(cfg: ModelConfig, num_slots: int, max_rank: int) -> int:
+        """What a stack of these slots holds (A and B, float32), before it is made."""
+        per_layer = sum(sum(target_shape(cfg, t)) for t in TARGETS)
+        return num_slots * max_rank * per_layer * cfg.n_layer * 4
+
     def load(self, slot: int, weights: LoRAWeights | None) -> None:
         """Put an adapter's weights in a slot (None: empty it)."""
         for i, targets in enumerate(self.layers):

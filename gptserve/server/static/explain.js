@@ -30,7 +30,7 @@ function divergingColour(v) {
 }
 
 export function initExplain(ui) {
-  const { $, el, api, visible, percent, probColour, notice } = ui;
+  const { $, el, api, visible, percent, probColour, barTrack, notice } = ui;
   const view = { data: null, chosen: 0 };
 
   // A token as text, or as its bytes in hex where it holds part of a character.
@@ -44,15 +44,6 @@ export function initExplain(ui) {
     const ctx = canvas.getContext("2d");
     values.forEach((v, i) => { ctx.fillStyle = divergingColour(v / scale); ctx.fillRect(i, 0, 1, 1); });
     return canvas;
-  }
-
-  function bar(fraction, colour, className = "bar") {
-    const track = el("div", "bar-track");
-    const fill = el("div", className);
-    fill.style.width = `${(100 * Math.max(0, Math.min(1, fraction))).toFixed(1)}%`;
-    fill.style.background = colour;
-    track.append(fill);
-    return track;
   }
 
   // 1. the tokens, and which tokens each character's bytes lie in
@@ -134,8 +125,8 @@ export function initExplain(ui) {
     $("explain-attention").replaceChildren(...scores.map((s, k) => {
       const row = el("div", "attention-row");
       row.append(el("span", "embedding-label", tokenLabel(d.tokens[k])),
-        el("span", "attention-score", s.toFixed(3)), bar(Math.abs(s) / top, divergingColour(s / top)),
-        el("span", "attention-weight", percent(weights[k])), bar(weights[k], probColour(weights[k])));
+        el("span", "attention-score", s.toFixed(3)), barTrack(Math.abs(s) / top, divergingColour(s / top)),
+        el("span", "attention-weight", percent(weights[k])), barTrack(weights[k], probColour(weights[k])));
       return row;
     }));
   }
@@ -149,14 +140,14 @@ export function initExplain(ui) {
       ["after the MLP", afterMlp]].map(([name, value]) => {
       const row = el("div", "attention-row");
       row.append(el("span", "embedding-label", name), el("span", "attention-score", value.toFixed(2)),
-        bar(value / top, "#7aa6d8"));
+        barTrack(value / top, "#7aa6d8"));
       return row;
     }));
     const neurons = d.feed_forward.neurons[layer];
     const most = Math.max(1e-9, ...neurons.map((n) => Math.abs(n.activation)));
     $("explain-neurons").replaceChildren(...neurons.map((n) => {
       const item = el("li");
-      item.append(el("span", "alt-token", `neuron ${n.index}`), bar(Math.abs(n.activation) / most, "#e0a458"),
+      item.append(el("span", "alt-token", `neuron ${n.index}`), barTrack(Math.abs(n.activation) / most, "#e0a458"),
         el("span", "alt-prob", n.activation.toFixed(3)));
       return item;
     }));
@@ -176,7 +167,7 @@ export function initExplain(ui) {
       const item = el("li", i === view.chosen ? "chosen" : "");
       item.dataset.prob = String(probs[i]);
       item.title = `id ${t.id}, logit ${t.logit.toFixed(3)}`;
-      item.append(el("span", "alt-token", visible(t.token)), bar(probs[i], probColour(probs[i])),
+      item.append(el("span", "alt-token", visible(t.token)), barTrack(probs[i], probColour(probs[i])),
         el("span", "alt-prob", percent(probs[i])));
       return item;
     }).filter((_, i) => i < 20));

@@ -118,6 +118,20 @@ function el(tag, className, text) {
   return node;
 }
 
+// A share in [0, 1] as a bar of that width; in a track of the full width (lists).
+function bar(fraction, colour) {
+  const fill = el("div", "bar");
+  fill.style.width = `${(100 * Math.max(0, Math.min(1, fraction))).toFixed(1)}%`;
+  fill.style.background = colour;
+  return fill;
+}
+
+function barTrack(fraction, colour) {
+  const track = el("div", "bar-track");
+  track.append(bar(fraction, colour));
+  return track;
+}
+
 function renderTokenStrip(container, ids, strs) {
   container.replaceChildren(...ids.map((id, i) => {
     const chip = el("span", "chip");
@@ -306,6 +320,15 @@ function updatePromptTokens() {
 
 // ---- the token popup: a generated token's probability and its alternatives -----------
 
+// A row of the popup's tables: a token, its probability as a bar and as a number.
+function popupRow(token, p, colour, className = "") {
+  const row = el("tr", className);
+  const barCell = el("td", "bar-cell");
+  barCell.append(bar(p, colour));
+  row.append(el("td", "alt-token", visible(token)), barCell, el("td", "alt-prob", percent(p)));
+  return row;
+}
+
 function showPopup(span) {
   const entry = span.entry;
   const popup = $("token-popup");
@@ -317,14 +340,7 @@ function showPopup(span) {
     if (seen.has(alt.token)) continue;
     seen.add(alt.token);
     const p = Math.exp(alt.logprob);
-    const row = el("tr", alt.token === entry.token ? "chosen" : "");
-    const bar = el("div", "bar");
-    bar.style.width = `${(100 * p).toFixed(1)}%`;
-    bar.style.background = probColour(p);
-    const barCell = el("td", "bar-cell");
-    barCell.append(bar);
-    row.append(el("td", "alt-token", visible(alt.token)), barCell, el("td", "alt-prob", percent(p)));
-    list.append(row);
+    list.append(popupRow(alt.token, p, probColour(p), alt.token === entry.token ? "chosen" : ""));
   }
   popup.replaceChildren(el("div", "popup-title", `chosen: ${visible(entry.token)} · p = ${percent(Number(span.dataset.prob))}`), list);
   const detail = span.detail;
@@ -333,17 +349,7 @@ function showPopup(span) {
     popup.append(el("div", "popup-note", `the grammar allowed ${detail.allowed_tokens.toLocaleString()} tokens here` +
       (detail.forbidden.length ? "; it forbade these, which the model wanted:" : "")));
     const banned = el("table", "forbidden");
-    for (const f of detail.forbidden) {
-      const p = Math.exp(f.logprob);
-      const row = el("tr");
-      const bar = el("div", "bar");
-      bar.style.width = `${(100 * p).toFixed(1)}%`;
-      bar.style.background = "#c9ced6";
-      const barCell = el("td", "bar-cell");
-      barCell.append(bar);
-      row.append(el("td", "alt-token", visible(f.token)), barCell, el("td", "alt-prob", percent(p)));
-      banned.append(row);
-    }
+    for (const f of detail.forbidden) banned.append(popupRow(f.token, Math.exp(f.logprob), "#c9ced6"));
     popup.append(banned);
   }
   popup.hidden = false;
@@ -477,13 +483,9 @@ async function runInspect() {
     renderTokenStrip($("inspect-tokens"), insp.tokens, insp.token_strs);
     $("next-tokens").replaceChildren(...insp.top_next_tokens.map((t) => {
       const item = el("li");
-      const bar = el("div", "bar");
-      bar.style.width = `${(100 * t.prob).toFixed(1)}%`;
-      bar.style.background = probColour(t.prob);
-      const track = el("div", "bar-track");
-      track.append(bar);
       item.title = `id ${t.id}`;
-      item.append(el("span", "alt-token", visible(t.token)), track, el("span", "alt-prob", percent(t.prob)));
+      item.append(el("span", "alt-token", visible(t.token)), barTrack(t.prob, probColour(t.prob)),
+        el("span", "alt-prob", percent(t.prob)));
       return item;
     }));
     notice("");
@@ -533,7 +535,7 @@ function init() {
   $("tab-chat").addEventListener("click", () => showTab("chat"));
   $("tab-inspect").addEventListener("click", () => showTab("inspect"));
   $("tab-explain").addEventListener("click", () => showTab("explain"));
-  initExplain({ $, el, api, visible, percent, probColour, notice, openInspect, model: () => state.model });
+  initExplain({ $, el, api, visible, percent, probColour, barTrack, notice, openInspect, model: () => state.model });
 
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
